@@ -1,0 +1,172 @@
+"""Build the train / validation / test data of a run from its effective config."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .batches import DeviceBatchLoader
+from .dataset import ArrayDataset
+from .registry import DEFAULT_ROOT, load_split, resolve_root
+from .splits import per_class_subset, stratified_val_split
+
+# Keys of ``cfg["dataset"]`` that build_data reads (with their defaults; None = required).
+DATASET_KEY_DEFAULTS: dict[str, Any] = {
+    "name": None,
+    "root": DEFAULT_ROOT,
+    "download": False,
+    "val_split": 0.1,
+    "data_aug": 1,
+    "batch_size": 128,
+    "train_per_class": None,
+    "split_seed": None,  # None: the run's top-level ``seed``
+}
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() not in {"", "0", "false", "no", "off", "none"}
+    return bool(value)
+
+
+@dataclass
+class DataBundle:
+    """The three splits of a run and a factory for their device loaders.
+
+    ``val`` is held out from the official training split (class-stratified, seeded) and is
+    what model selection must use; ``test`` is the official test split, for the final
+    evaluation only.
+    """
+
+    train: ArrayDataset
+    val: ArrayDataset
+    test: ArrayDataset
+    num_classes: int
+    class_names: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    name: str
+    device: torch.device
+    batch_size: int
+    data_aug: bool
+    seed: int
+    root: str = ""
+    _device_arrays: dict = field(default_factory=dict, repr=False)
+
+    def split(self, name: str) -> ArrayDataset:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, got '{name}'")
+        return getattr(self, name)
+
+    def device_arrays(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images NCHW uint8, labels int64)`` of a split on the device, uploaded once."""
+        if name not in self._device_arrays:
+            ds = self.split(name)
+            loader = DeviceBatchLoader(ds, 1, train=False, augment=False, device=self.device)
+            self._device_arrays[name] = (loader.images, loader.labels)
+        return self._device_arrays[name]
+
+    def loader(
+        self,
+        split: str,
+        *,
+        train: bool | None = None,
+        batch_size: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        channels_last: bool = False,
+        augment: bool | None = None,
+        drop_last: bool | None = None,
+        return_index: bool = True,
+    ) -> DeviceBatchLoader:
+        """A :class:`DeviceBatchLoader` over ``split`` (train/val/test).
+
+        ``train`` defaults to ``split == "train"``; augmentation defaults to
+        ``train and data_aug``. The device copy of the split is shared by all its loaders.
+        """
+        is_train = (split == "train") if train is None else bool(train)
+        do_aug = (is_train and self.data_aug) if augment is None else bool(augment)
+        return DeviceBatchLoader(
+            self.device_arrays(split),
+            batch_size or self.batch_size,
+            train=is_train,
+            augment=do_aug,
+            mean=self.mean,
+            std=self.std,
+            device=self.device,
+            seed=self.seed,
+            drop_last=drop_last,
+            channels_last=channels_last,
+            rank=rank,
+            world_size=world_size,
+            return_index=return_index,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """Small dict for logging (sizes, classes, normalisation)."""
+        return {
+            "dataset": self.name,
+            "num_classes": self.num_classes,
+            "n_train": len(self.train),
+            "n_val": len(self.val),
+            "n_test": len(self.test),
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+
+def _dataset_cfg(cfg: Mapping) -> dict[str, Any]:
+    raw = cfg.get("dataset")
+    if raw is None:
+        raise ValueError("config has no 'dataset' section")
+    out = {k: raw.get(k, default) for k, default in DATASET_KEY_DEFAULTS.items()}
+    if not out["name"]:
+        raise ValueError("dataset.name is required (e.g. cifar100, imagenet32, imagefolder, digits)")
+    return out
+
+
+def build_data(cfg: Mapping, device: torch.device | str = "cpu") -> DataBundle:
+    """Load the configured dataset and split it into train / val / test.
+
+    Reads ``cfg["seed"]`` (default 0) and ``cfg["dataset"]`` keys ``name``, ``root``,
+    ``download``, ``val_split``, ``data_aug``, ``batch_size``, ``train_per_class`` and
+    ``split_seed`` (see ``DATASET_KEY_DEFAULTS``). Order of operations:
+
+    1. load the official train and test splits (:func:`load_split`);
+    2. hold out ``val_split`` of the train split, class-stratified, with ``split_seed``
+       (default: ``seed``);
+    3. if ``train_per_class`` is set, keep a balanced subset of that many samples per class
+       of the remaining train part (same seed); the validation part is not reduced.
+    """
+    d = _dataset_cfg(cfg)
+    seed = int(cfg.get("seed", 0) or 0)
+    split_seed = seed if d["split_seed"] is None else int(d["split_seed"])
+    name, root = str(d["name"]).lower(), d["root"]
+    full_train = load_split(name, root, "train", download=_truthy(d["download"]))
+    test = load_split(name, root, "test", download=_truthy(d["download"]))
+
+    train_idx, val_idx = stratified_val_split(full_train.labels, float(d["val_split"]), split_seed)
+    train = full_train.subset(train_idx, split="train")
+    val = full_train.subset(val_idx, split="val")
+    if d["train_per_class"] not in (None, 0, "", "null"):
+        train = per_class_subset(train, int(d["train_per_class"]), split_seed)
+    del full_train
+
+    return DataBundle(
+        train=train,
+        val=val,
+        test=test,
+        num_classes=train.num_classes,
+        class_names=list(train.class_names),
+        mean=tuple(train.mean),  # type: ignore[arg-type]
+        std=tuple(train.std),  # type: ignore[arg-type]
+        name=name,
+        device=torch.device(device),
+        batch_size=int(d["batch_size"]),
+        data_aug=_truthy(d["data_aug"]),
+        seed=seed,
+        root=str(resolve_root(root)),
+    )

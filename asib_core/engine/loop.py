@@ -1,0 +1,136 @@
+"""The one epoch loop every step uses (fine-tune, pre-training stages, A-step, B-step).
+
+``train_epoch`` drives a *step function* ``step(batch) -> (logits, {name: loss})``:
+it mixes the batch (Mixup/CutMix), sums the named losses, clamps, back-propagates,
+clips, steps the optimiser and accumulates per-epoch means. A non-finite loss raises
+:class:`NonFiniteLoss` (SAFE-RETRY catches it). ``evaluate`` runs a model function
+over a loader without gradients.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from asib_core.data.mixing import mix_batch
+from asib_core.methods.base import Batch
+
+from .amp import Precision
+from .progress import EpochProgress
+from .schedules import loss_clamp
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class EpochSettings:
+    epoch: int
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    grad_clip_norm: float = 0.0
+    clamp_cfg: dict = field(default_factory=dict)
+    seed: int = 0
+    desc: str = "train"
+    inject_nonfinite_at: int | None = None  # test hook: poison this batch's loss
+
+
+@dataclass
+class EpochResult:
+    metrics: dict
+    images: int
+    seconds: float
+
+
+def _mix_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed((seed * 1_000_003 + epoch * 7919 + 17) % (2 ** 63))
+    return gen
+
+
+def train_epoch(step: Callable, loader, optimizer, params, precision: Precision,
+                settings: EpochSettings, reducer=None, scheduler_per_batch=None) -> EpochResult:
+    sums: dict[str, float] = {}
+    correct = seen = clamped = 0
+    start = time.perf_counter()
+    mix_gen = _mix_generator(settings.seed, settings.epoch, loader.device)
+    progress = EpochProgress(len(loader), settings.desc)
+    for i, (x, y, idx) in enumerate(loader):
+        mixed = mix_batch(x, y, mixup_alpha=settings.mixup_alpha,
+                          cutmix_alpha=settings.cutmix_alpha, generator=mix_gen)
+        batch = Batch(x=mixed.x, y=mixed.y_a, idx=idx, y_b=mixed.y_b, lam=float(mixed.lam))
+        with precision.autocast():
+            logits, losses = step(batch)
+        total = sum(v.float() for v in losses.values())
+        if settings.inject_nonfinite_at is not None and i == settings.inject_nonfinite_at:
+            total = total * float("nan")
+        if not torch.isfinite(total):
+            raise NonFiniteLoss(f"non-finite loss at batch {i} of epoch {settings.epoch}: "
+                                + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items()))
+        total, was_clamped = loss_clamp(total, settings.clamp_cfg, settings.epoch)
+        clamped += int(was_clamped)
+        optimizer.zero_grad(set_to_none=True)
+        precision.scaler.scale(total).backward()
+        if settings.grad_clip_norm and settings.grad_clip_norm > 0:
+            precision.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip_norm)
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+        if scheduler_per_batch is not None:
+            scheduler_per_batch.step()
+        n = int(y.shape[0])
+        seen += n
+        sums["loss"] = sums.get("loss", 0.0) + float(total.detach()) * n
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach()) * n
+        correct += int((logits.detach().argmax(1) == y).sum())
+        progress.update(n, sums["loss"] / seen, correct / seen)
+    progress.close()
+    seconds = time.perf_counter() - start
+    totals = torch.tensor([seen, correct, clamped] + [sums[k] for k in sorted(sums)], dtype=torch.float64)
+    if reducer is not None:
+        totals = reducer(totals)
+    seen, correct, clamped = int(totals[0]), int(totals[1]), int(totals[2])
+    metrics = {k: float(v) / max(seen, 1) for k, v in zip(sorted(sums), totals[3:].tolist())}
+    metrics["acc"] = correct / max(seen, 1)
+    metrics["clamp_ratio"] = clamped / max(len(loader), 1)
+    metrics["img_per_s"] = seen / seconds if seconds > 0 else math.nan
+    metrics["epoch_time"] = seconds
+    return EpochResult(metrics=metrics, images=seen, seconds=seconds)
+
+
+@torch.no_grad()
+def evaluate(model_fn: Callable, loader, precision: Precision | None = None, reducer=None) -> dict:
+    """Top-1 accuracy and mean cross-entropy of ``model_fn(x) -> logits`` over a loader."""
+    correct = seen = 0
+    loss_sum = 0.0
+    for x, y, _ in loader:
+        ctx = precision.autocast() if precision is not None else torch.autocast("cpu", enabled=False)
+        with ctx:
+            logits = model_fn(x)
+        logits = logits.float()
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        seen += int(y.shape[0])
+    totals = torch.tensor([seen, correct, loss_sum], dtype=torch.float64)
+    if reducer is not None:
+        totals = reducer(totals)
+    seen = max(int(totals[0]), 1)
+    return {"acc": float(totals[1]) / seen, "loss": float(totals[2]) / seen}
+
+
+@torch.no_grad()
+def collect_logits(model_fn: Callable, loader, precision: Precision | None = None):
+    """All logits and labels of a loader (for evaluation reports)."""
+    outs, labels = [], []
+    for x, y, _ in loader:
+        ctx = precision.autocast() if precision is not None else torch.autocast("cpu", enabled=False)
+        with ctx:
+            outs.append(model_fn(x).float().cpu())
+        labels.append(y.cpu())
+    return torch.cat(outs), torch.cat(labels)

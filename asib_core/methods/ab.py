@@ -1,0 +1,116 @@
+"""AB, knowledge transfer via activation boundaries (Heo et al., AAAI 2019), RepDistiller's variant.
+
+Two stages (teacher ``kd_teacher_index``):
+
+1. ``pretrain`` (logged under ``ab_pretrain/``): the student's stem and stages and the
+   connectors are trained with the AB loss only::
+
+       feature_weight * 3/1000 * sum_l 2^(l - n + 1) * sum_{c,h,w} ab(r_l(s_l), t_l) / B   ("ab")
+
+   where ``s_l``/``t_l`` are the student/teacher pre-activation maps of stage ``l``
+   (``preact_4d_layer{i}``, paired aligned at the deepest stage), ``r_l`` a connector
+   (1x1 conv + BN for equal spatial sizes, RepDistiller's ConvReg without ReLU otherwise),
+   ``ab(s, t) = (s + m)^2 [s > -m, t <= 0] + (s - m)^2 [s <= m, t > 0]``, margin m = 1.
+   Length: ``min(30, max(1, total_student_epochs // 8))`` epochs (the reference's 30
+   epochs before a 240-epoch run), own optimiser (the student's kind, ``student_lr``,
+   ``student_weight_decay``, constant LR).
+2. the student epochs::
+
+       ce_alpha * CE + kd_alpha * kd_ramp * KD_T (kd_alpha != 0) + attention_weight * AB   ("ab")
+
+   ``attention_weight = 0`` is the paper (stage 2 = CE + KD); a positive value keeps the
+   boundary loss on (RepDistiller's "can also add loss to this stage"), and then the
+   connectors are trained with the student.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from asib_core.losses import ab_loss
+
+from ._baseline_kd import (
+    BaselineDistiller,
+    backbone_parameters,
+    conv_regressor,
+    model_device,
+    pair_stages,
+    pretrain_epochs,
+    pretrain_optimizer,
+    probe_shapes,
+    stage_keys,
+    total_student_epochs,
+)
+from .base import Batch, TrainContext
+from .registry import register_method
+
+log = logging.getLogger(__name__)
+AB_MARGIN = 1.0
+AB_SCALE = 3.0 / 1000.0
+
+
+@register_method("ab")
+class AB(BaselineDistiller):
+    def __init__(self, student, teachers, cfg):
+        super().__init__(student, teachers, cfg)
+        self.feature_weight = float(cfg.get("feature_weight", 1.0))      # stage-1 AB weight
+        self.attention_weight = float(cfg.get("attention_weight", 0.0))  # stage-2 AB weight
+        # stage 2 reads teacher features only when the AB term stays on
+        self.uses_feature_teacher = self.attention_weight != 0.0
+        s_shapes = probe_shapes(self.student)
+        t_shapes = probe_shapes(self.feature_teacher)
+        self.pairs = pair_stages(stage_keys(s_shapes, "preact_4d_layer"),
+                                 stage_keys(t_shapes, "preact_4d_layer"))
+        self.connectors = nn.ModuleList(
+            conv_regressor(s_shapes[s_key], t_shapes[t_key], relu=False) for s_key, t_key in self.pairs
+        ).to(model_device(self.student))
+        self.pretrain_epochs_run = 0
+
+    def auxiliary_modules(self):
+        return [self.connectors] if self.attention_weight != 0.0 else []
+
+    def ab_term(self, s_out: dict, t_out: dict) -> tuple[torch.Tensor, float]:
+        """Unweighted multi-layer AB loss and the fraction of neurons on the teacher's side."""
+        n = len(self.pairs)
+        terms, agree = [], []
+        for i, ((s_key, t_key), connector) in enumerate(zip(self.pairs, self.connectors)):
+            s, t = connector(s_out[s_key]), t_out[t_key]
+            terms.append((2.0 ** (i - n + 1)) * ab_loss(s, t, AB_MARGIN))
+            agree.append(((s.detach() > 0) == (t > 0)).float().mean())
+        return AB_SCALE * torch.stack(terms).sum(), float(torch.stack(agree).mean())
+
+    # -- stage 1 ----------------------------------------------------------------
+    def pretrain(self, runner) -> None:
+        epochs = pretrain_epochs(total_student_epochs(runner))
+        if epochs == 0 or self.feature_weight == 0.0:
+            log.info("AB pre-training skipped (epochs=%d, feature_weight=%g)", epochs, self.feature_weight)
+            return
+        params = backbone_parameters(self.student) + [p for p in self.connectors.parameters() if p.requires_grad]
+        optimizer = pretrain_optimizer(runner.cfg, params)
+        teacher = self.feature_teacher
+
+        def step(batch: Batch, epoch: int):
+            s_out = self.student(batch.x)
+            with torch.no_grad():
+                t_out = teacher(batch.x)
+            ab, agree = self.ab_term(s_out, t_out)
+            self.record(agree=agree)
+            return s_out["logit"], {"ab": self.feature_weight * ab}
+
+        self.train()
+        runner.run_aux_epochs("ab_pretrain", step, params, optimizer, epochs)
+        self.pretrain_epochs_run = epochs
+
+    # -- stage 2 ----------------------------------------------------------------
+    def forward_train(self, batch: Batch, ctx: TrainContext):
+        out = self.student(batch.x)
+        logits = out["logit"]
+        outs = self.teacher_forward(batch.x)
+        losses = self.ce_kd_losses(batch, logits, outs, ctx)
+        if self.attention_weight != 0.0:
+            ab, agree = self.ab_term(out, outs[self.feature_teacher_index])
+            losses["ab"] = self.attention_weight * ab
+            self.record(ab_agree=agree)
+        return logits, losses

@@ -1,0 +1,1 @@
+"""The library behind the entry points: finetune, distill, evaluate, main."""

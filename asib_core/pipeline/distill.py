@@ -1,0 +1,204 @@
+"""The distillation step, top-down:
+
+compose config -> finalize -> lock -> resolve teachers -> start (or resume) the MLflow
+run -> build data / models / method -> verify lock (before_run) -> fit -> verify lock
+(after_run) -> best-on-validation student -> test numbers -> log artifacts.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import torch
+import yaml
+
+from asib_core.config import ResolvedConfig, identity_hash, resolve_experiment
+from asib_core.config.finalize import finalize_with_runtime
+from asib_core.data import build_data
+from asib_core.engine.amp import Precision, resolve_device
+from asib_core.engine.distributed import DistContext, init_distributed
+from asib_core.engine.loop import evaluate
+from asib_core.engine.optim import student_optimizer
+from asib_core.engine.runner import FitSpec, TrainingRun
+from asib_core.engine.schedules import build_epoch_scheduler
+from asib_core.engine.state import atomic_save, load_state
+from asib_core.methods import build_distiller, get_method
+from asib_core.tracking import configure_tracking, experiment_for, open_run
+from asib_core.tracking.params import log_config_params
+from asib_core.tracking.plots import log_curves
+
+from .common import file_sha256, resume_target, run_tags, seed_everything, setup_logging, teacher_names
+from .models import build_student, load_teacher, to_device
+from .teachers import resolve_teachers
+
+log = logging.getLogger("asib.distill")
+STUDENT_ARTIFACT = "model/student.pt"
+
+
+@dataclass
+class StepResult:
+    run_id: str
+    metrics: dict
+
+
+def fit_spec(cfg: dict) -> FitSpec:
+    return FitSpec(
+        stage_epochs=list(cfg["student_epochs_per_stage"]), seed=int(cfg["seed"]),
+        mixup_alpha=float(cfg.get("mixup_alpha") or 0.0),
+        cutmix_alpha=float(cfg.get("cutmix_alpha_distill") or 0.0),
+        grad_clip_norm=float(cfg.get("grad_clip_norm") or 0.0),
+        clamp_cfg={k: cfg.get(k) for k in ("use_loss_clamp", "loss_clamp_mode", "loss_clamp_max",
+                                           "loss_clamp_warmup_epochs")},
+        patience=int(cfg.get("early_stopping_patience") or 0),
+        min_delta=float(cfg.get("early_stopping_min_delta") or 0.0),
+    )
+
+
+def run_identity(cfg: dict, teacher_files: list[Path]) -> str:
+    return identity_hash(cfg, extra={"teachers": [file_sha256(p) for p in teacher_files]})
+
+
+def run_name(cfg: dict) -> str:
+    teachers = "+".join(teacher_names(cfg)) if get_method(cfg["method_name"]).needs_teachers else "CE"
+    return f"{cfg['exp']} {cfg['method_name']} {cfg['model']['student']['name']} <- {teachers}"
+
+
+def teacher_report(teachers, names, data, precision, cfg) -> dict:
+    """Validation accuracy of each teacher and how often the two disagree."""
+    if not teachers:
+        return {}
+    loader = data.loader("val", batch_size=int(cfg.get("eval_batch_size") or 512))
+    metrics = {}
+    preds = []
+    for i, teacher in enumerate(teachers, start=1):
+        metrics[f"teacher{i}/val_acc"] = evaluate(lambda x, t=teacher: t(x)["logit"], loader, precision)["acc"]
+    if len(teachers) == 2:
+        limit_b = int(cfg.get("disagreement_max_batches") or 0)
+        limit_n = int(cfg.get("disagreement_max_samples") or 0)
+        disagree = joint_error = seen = 0
+        with torch.no_grad():
+            for b, (x, y, _) in enumerate(loader):
+                if (limit_b and b >= limit_b) or (limit_n and seen >= limit_n):
+                    break
+                p = [t(x)["logit"].argmax(1) for t in teachers]
+                disagree += int((p[0] != p[1]).sum())
+                joint_error += int(((p[0] != y) & (p[1] != y)).sum())
+                seen += int(y.shape[0])
+        metrics["teachers/disagreement"] = disagree / max(seen, 1)
+        metrics["teachers/joint_error"] = joint_error / max(seen, 1)
+    del preds, names
+    return metrics
+
+
+def deploy_payload(distiller, cfg: dict, data, sha: str) -> dict:
+    student_cfg = cfg["model"]["student"]
+    return {
+        "deploy": distiller.deploy_state(),
+        "meta": {
+            "method": cfg["method_name"], "student": student_cfg["name"],
+            "num_classes": int(data.num_classes), "small_input": bool(cfg.get("small_input", True)),
+            "distill_out_dim": cfg.get("distill_out_dim"), "dataset": cfg["dataset"]["name"],
+            "class_names": list(data.class_names), "config_sha256": sha,
+            "teachers": teacher_names(cfg), "exp": cfg["exp"],
+        },
+    }
+
+
+def run_distill(exp: str, overrides: list[str], *, parent_run_id: str | None = None,
+                inject_nonfinite: tuple[int, int] | None = None) -> StepResult:
+    setup_logging()
+    dist = init_distributed()
+    resolved: ResolvedConfig = resolve_experiment(exp, overrides)
+    cfg, lock = resolved.cfg, resolved.lock
+    configure_tracking()
+    method_cls = get_method(cfg["method_name"])
+    sources = resolve_teachers(cfg) if method_cls.needs_teachers else []
+    identity = run_identity(cfg, [s.path for s in sources])
+    state_dir = Path(cfg.get("checkpoint_dir") or "checkpoints/runs") / f"distill-{identity[:20]}"
+    resume_id = resume_target(state_dir) if dist.is_main else None
+    resume_id = dist.broadcast_object(resume_id)
+    tags = run_tags(cfg, "distill", lock.sha256, teachers="+".join(teacher_names(cfg)) if sources else "none",
+                    student=cfg["model"]["student"]["name"], **{"asib.identity": identity})
+    tags.update({f"{s.role}_run": s.run_id for s in sources if s.run_id})
+    if not dist.is_main:
+        return _fit(cfg, lock, sources, state_dir, dist, None, inject_nonfinite)
+    with open_run(experiment=experiment_for(cfg["dataset"]["name"]), run_name=run_name(cfg), tags=tags,
+                  resume_run_id=resume_id, nested=parent_run_id is not None,
+                  parent_run_id=parent_run_id) as run:
+        return _fit(cfg, lock, sources, state_dir, dist, run, inject_nonfinite)
+
+
+def _fit(cfg, lock, sources, state_dir, dist: DistContext, run, inject_nonfinite) -> StepResult:
+    seed_everything(int(cfg["seed"]), bool(cfg.get("deterministic", True)))
+    device = resolve_device(cfg.get("device"))
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    precision = Precision(device, bool(cfg.get("use_amp")), str(cfg.get("amp_dtype", "bfloat16")))
+    data = build_data(cfg, device)
+    finalize_with_runtime(cfg, num_classes=int(data.num_classes),
+                          **{f"{s.role}_ckpt": str(s.path) for s in sources})
+    channels_last = bool(cfg.get("use_channels_last"))
+    teachers = [to_device(load_teacher(cfg, s.role, s.path, data.num_classes)[0], device, channels_last)
+                for s in sources]
+    student = to_device(build_student(cfg, data.num_classes), device, channels_last)
+    distiller = build_distiller(cfg, student, teachers).to(device)
+    if run is not None:
+        log_config_params(run.run_id, cfg)
+        mlflow.log_text(yaml.safe_dump(cfg, sort_keys=True), "config/effective_config.yaml", run_id=run.run_id)
+        run.log_metrics(teacher_report(teachers, teacher_names(cfg), data, precision, cfg), step=0)
+    optimizer = student_optimizer(cfg, distiller.student_parameters(), distiller.auxiliary_parameters())
+    spec = fit_spec(cfg)
+    scheduler = build_epoch_scheduler(optimizer, cfg.get("schedule") or {}, spec.total_epochs)
+    trainer = TrainingRun(cfg=cfg, spec=spec, distiller=distiller, data=data, device=device,
+                          precision=precision, optimizer=optimizer, scheduler=scheduler,
+                          state_dir=state_dir, lock=lock, tracker=run, dist=dist,
+                          title=f"{cfg['exp']}/{cfg['method_name']}")
+    trainer.inject_nonfinite = inject_nonfinite
+    lock.verify(cfg, "before_run")
+    state = trainer.fit()
+    lock.verify(cfg, "after_run")
+    metrics = final_metrics(trainer, data, precision, state)
+    if run is not None:
+        finish_run(run, trainer, distiller, cfg, data, lock.sha256, metrics)
+    dist.barrier()
+    return StepResult(run_id=run.run_id if run is not None else "", metrics=metrics)
+
+
+def final_metrics(trainer: TrainingRun, data, precision, state: dict) -> dict:
+    """Test numbers of the last-epoch and of the best-on-validation student."""
+    test_loader = data.loader("test", batch_size=int(trainer.cfg.get("eval_batch_size") or 512))
+    trainer.distiller.eval()
+    last = evaluate(trainer.distiller.forward_test, test_loader, precision)
+    trainer.load_best()
+    best = evaluate(trainer.distiller.forward_test, test_loader, precision)
+    return {
+        "test/acc": best["acc"], "test/loss": best["loss"], "test/acc_last": last["acc"],
+        "val/best_acc": state["best_val"], "best_epoch": float(state["best_epoch"] + 1),
+        "epochs_trained": float(state["student_epoch"]), "safe_retries": float(state["safe_retries"]),
+        "stopped_early": float(state["stopped_early"]),
+        "train/img_per_s_mean": _mean([h.get("img_per_s") for h in state["history"]]),
+        "total_train_time_sec": sum(h.get("epoch_time", 0.0) for h in state["history"]),
+    }
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def finish_run(run, trainer: TrainingRun, distiller, cfg: dict, data, sha: str, metrics: dict) -> None:
+    step = trainer.state.log_step
+    run.log_metrics(metrics, step=step)
+    buffer = io.BytesIO()
+    torch.save(deploy_payload(distiller, cfg, data, sha), buffer)
+    path = trainer.state_dir / "student.pt"
+    atomic_save(deploy_payload(distiller, cfg, data, sha), path)
+    mlflow.log_artifact(str(path), artifact_path="model", run_id=run.run_id)
+    history = trainer.state.history
+    mlflow.log_text(json.dumps(history, indent=1), "history.json", run_id=run.run_id)
+    log_curves(run.run_id, history, run_name(cfg))
+    run.set_tags({"asib.final_test_acc": f"{metrics['test/acc']:.4f}"})

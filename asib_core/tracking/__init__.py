@@ -1,0 +1,5 @@
+"""MLflow tracking: store setup, run lifecycle (never left RUNNING), params, plots."""
+from .runs import RunHandle, experiment_for, open_run, search_finished
+from .store import configure_tracking
+
+__all__ = ["RunHandle", "configure_tracking", "experiment_for", "open_run", "search_finished"]

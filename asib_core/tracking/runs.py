@@ -1,0 +1,113 @@
+"""Run lifecycle: open (or resume) a run, and end it FINISHED, FAILED or KILLED.
+
+A run that fails for any reason ends FAILED with the error as the tag
+``asib.error`` - never RUNNING. Runs started by ``mlflow run`` are attached through
+``MLFLOW_RUN_ID`` (they live in the experiment ``mlflow run`` chose); runs started
+directly go to one experiment per dataset (``MLFLOW_EXPERIMENT_NAME`` overrides).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import traceback
+from dataclasses import dataclass
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from .store import artifact_root
+
+ERROR_TAG = "asib.error"
+MAX_TAG = 5000
+
+
+def experiment_for(dataset: str) -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or dataset
+
+
+def ensure_experiment(name: str) -> str:
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=_artifact_location(name))
+
+
+def _artifact_location(name: str) -> str | None:
+    root = artifact_root()
+    return None if root is None else f"{root}/{name}"
+
+
+@dataclass
+class RunHandle:
+    run_id: str
+    experiment_id: str
+    resumed: bool
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None and v == v}
+        if clean:
+            mlflow.log_metrics(clean, step=step, run_id=self.run_id)
+
+    def set_tags(self, tags: dict) -> None:
+        client = MlflowClient()
+        for key, value in tags.items():
+            client.set_tag(self.run_id, key, str(value)[:MAX_TAG])
+
+
+@contextlib.contextmanager
+def open_run(*, experiment: str, run_name: str, tags: dict, resume_run_id: str | None = None,
+             nested: bool = False, parent_run_id: str | None = None):
+    """Start, attach to or resume a run; always end it with a terminal status."""
+    attached = os.environ.get("MLFLOW_RUN_ID")
+    client = MlflowClient()
+    all_tags = dict(tags)
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    if resume_run_id and attached and attached != resume_run_id:
+        # `mlflow run` created a fresh run for this invocation, but the work resumes an
+        # interrupted run: close the fresh one as a pointer to the resumed run.
+        client.set_tag(attached, "asib.resumed_into", resume_run_id)
+        client.set_terminated(attached, "KILLED")
+        os.environ.pop("MLFLOW_RUN_ID", None)
+    if resume_run_id:
+        run = mlflow.start_run(run_id=resume_run_id, nested=nested)
+        client.update_run(resume_run_id, status="RUNNING")
+    elif attached:
+        run = mlflow.start_run(run_id=attached, run_name=run_name, nested=nested)
+        if mlflow.get_run(attached).info.run_name != run_name:
+            client.update_run(attached, name=run_name)
+    else:
+        exp_id = ensure_experiment(experiment)
+        run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, nested=nested)
+    handle = RunHandle(run.info.run_id, run.info.experiment_id, bool(resume_run_id))
+    mlflow.set_tags({k: str(v)[:MAX_TAG] for k, v in all_tags.items()})
+    try:
+        yield handle
+    except KeyboardInterrupt:
+        client.set_tag(handle.run_id, ERROR_TAG, "interrupted (KeyboardInterrupt)")
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException as exc:  # noqa: BLE001 - every failure must end the run FAILED
+        message = f"{type(exc).__name__}: {exc}"
+        client.set_tag(handle.run_id, ERROR_TAG, message[:MAX_TAG])
+        with contextlib.suppress(Exception):
+            mlflow.log_text(traceback.format_exc(), "error.txt", run_id=handle.run_id)
+        mlflow.end_run(status="FAILED")
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
+
+
+def search_finished(filter_string: str, experiment_ids: list[str] | None = None,
+                    order_by: tuple = ("attributes.start_time DESC",)):
+    """FINISHED runs matching a filter, newest first, across all experiments by default."""
+    client = MlflowClient()
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    if not experiment_ids:
+        return []
+    flt = f"attributes.status = 'FINISHED' and {filter_string}" if filter_string else "attributes.status = 'FINISHED'"
+    return client.search_runs(experiment_ids, flt, order_by=list(order_by), max_results=50)

@@ -1,0 +1,60 @@
+"""Shared command-line plumbing for the thin entry points."""
+from __future__ import annotations
+
+import contextlib
+import shlex
+import sys
+
+USER_ERROR_EXIT = 2
+
+
+def parse_exp_args(argv: list[str], default_exp: str | None = None) -> tuple[str, list[str]]:
+    """``exp=NAME`` plus Hydra overrides; an ``overrides="a=1 b=2"`` item is split."""
+    from asib_core.config import ConfigError
+
+    exp = default_exp
+    overrides: list[str] = []
+    for item in argv:
+        if item.startswith("exp="):
+            exp = item.split("=", 1)[1]
+        elif item.startswith("overrides="):
+            overrides.extend(shlex.split(item.split("=", 1)[1]))
+        elif item:
+            overrides.append(item)
+    if not exp:
+        from asib_core.config import list_experiments
+        raise ConfigError(
+            "no experiment given: pass exp=NAME, one of " + ", ".join(list_experiments()) + "."
+        )
+    return exp, overrides
+
+
+def pop_option(argv: list[str], name: str, default: str) -> str:
+    """Remove ``name=VALUE`` from argv and return VALUE (or the default)."""
+    for i, item in enumerate(argv):
+        if item.startswith(f"{name}="):
+            del argv[i]
+            return item.split("=", 1)[1] or default
+    return default
+
+
+def relaunch_distributed(argv: list[str], module: str) -> None:
+    """With ``nproc=N`` (N > 1) outside torchrun, re-exec this module under torchrun."""
+    import os
+
+    nproc = int(float(pop_option(argv, "nproc", "1")))
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        cmd = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", module, *argv]
+        os.execvp(cmd[0], cmd)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn user errors (bad config, missing data/checkpoint) into exit code 2."""
+    from asib_core.errors import USER_ERRORS
+
+    try:
+        yield
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(USER_ERROR_EXIT) from None

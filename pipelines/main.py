@@ -1,0 +1,32 @@
+"""Entry point ``main``: finetune (each teacher) -> distill -> evaluate, with run reuse.
+
+    python -m pipelines.main exp=quickstart [overrides=...] [baseline=ce|none] [nproc=1]
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from pipelines._cli import parse_exp_args, pop_option, user_errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    from asib_core.pipeline.chain import run_main
+
+    with user_errors():
+        argv = list(sys.argv[1:] if argv is None else argv)
+        baseline = pop_option(argv, "baseline", "ce")
+        nproc = int(float(pop_option(argv, "nproc", "1")))
+        env_manager = pop_option(argv, "env_manager", os.environ.get("ASIB_ENV_MANAGER", "local"))
+        exp, overrides = parse_exp_args(argv, default_exp="quickstart")
+        result = run_main(exp, overrides, env_manager=env_manager, baseline=baseline, nproc=nproc)
+        print(f"main run {result.parent_run_id}")
+        for name, run_id in result.steps.items():
+            print(f"  {name}: {run_id}{' (reused)' if result.reused.get(name) else ''}")
+        for key, value in result.metrics.items():
+            print(f"  {key} = {value:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
