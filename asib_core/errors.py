@@ -8,19 +8,10 @@ class MissingArtifactError(FileNotFoundError):
     """A dataset, checkpoint or run the command needs does not exist (message says how to get it)."""
 
 
-def _collect() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [ConfigError, ConfigLockError, MissingArtifactError]
-    try:
-        from asib_core.data import DatasetNotFoundError
-        errors.append(DatasetNotFoundError)
-    except ImportError:  # data package not importable: still report config errors
-        pass
-    try:
-        from asib_core.models import PretrainedWeightsUnavailable
-        errors.append(PretrainedWeightsUnavailable)
-    except ImportError:
-        pass
-    return tuple(errors)
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Imported on demand so that light commands (config printing) do not import torch."""
+    from asib_core.data import DatasetNotFoundError
+    from asib_core.models import PretrainedWeightsUnavailable
 
-
-USER_ERRORS = _collect()
+    return (ConfigError, ConfigLockError, MissingArtifactError, DatasetNotFoundError,
+            PretrainedWeightsUnavailable)

@@ -67,9 +67,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_device_loader(ds, device: torch.device, epochs: int, batch_size: int) -> dict:
+def bench_device_loader(ds, device: torch.device, epochs: int, batch_size: int,
+                        batch_threads: int | None = 1) -> dict:
     t0 = time.perf_counter()
-    loader = DeviceBatchLoader(ds, batch_size, train=True, augment=True, device=device, seed=0)
+    loader = DeviceBatchLoader(ds, batch_size, train=True, augment=True, device=device, seed=0,
+                               batch_threads=batch_threads)
     sync(device)
     setup = time.perf_counter() - t0
     for i, _ in enumerate(loader):  # warm-up epoch slice (allocator, kernels)
@@ -120,10 +122,14 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=100)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch.set_num_threads for the whole process (0: leave the default)")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the figures to this file")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     root = extracted_root()
     t0 = time.perf_counter()
@@ -139,6 +145,11 @@ def main() -> None:
           f"{fast['img_per_s']:,.0f} img/s (best of {args.epochs} full epochs of {fast['batches']} "
           f"batches: {', '.join(f'{r:,.0f}' for r in fast['epoch_rates'])}; setup {fast['setup_s']:.2f} s)")
     result = {"device_loader": fast, "device": str(device), "cpus": os.cpu_count()}
+    if device.type == "cpu" and torch.get_num_threads() > 1:
+        multi = bench_device_loader(train, device, args.epochs, args.batch_size, batch_threads=None)
+        print(f"  same with batch_threads=None ({torch.get_num_threads()} intra-op threads): "
+              f"{multi['img_per_s']:,.0f} img/s")
+        result["device_loader_all_threads"] = multi
     if not args.skip_baseline:
         slow = bench_per_image(root, train.mean, train.std, args.workers, args.batches, args.batch_size)
         print(f"ImageFolder + per-image transforms (DataLoader, {args.workers} workers): "

@@ -51,10 +51,16 @@ def relaunch_distributed(argv: list[str], module: str) -> None:
 @contextlib.contextmanager
 def user_errors():
     """Turn user errors (bad config, missing data/checkpoint) into exit code 2."""
-    from asib_core.errors import USER_ERRORS
+    from asib_core.config.errors import ConfigError, ConfigLockError
 
     try:
         yield
-    except USER_ERRORS as exc:
+    except (ConfigError, ConfigLockError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(USER_ERROR_EXIT) from None
+    except Exception as exc:
+        from asib_core.errors import user_error_types
+        if isinstance(exc, user_error_types()):
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(USER_ERROR_EXIT) from None
+        raise

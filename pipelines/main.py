@@ -1,10 +1,12 @@
 """Entry point ``main``: finetune (each teacher) -> distill -> evaluate, with run reuse.
 
-    python -m pipelines.main exp=quickstart [overrides=...] [baseline=ce|none] [nproc=1]
+    python -m pipelines.main exp=quickstart [overrides=...] [finetune_overrides=...]
+                             [baseline=ce|none] [nproc=1] [env_manager=local]
 """
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 
 from pipelines._cli import parse_exp_args, pop_option, user_errors
@@ -18,8 +20,10 @@ def main(argv: list[str] | None = None) -> int:
         baseline = pop_option(argv, "baseline", "ce")
         nproc = int(float(pop_option(argv, "nproc", "1")))
         env_manager = pop_option(argv, "env_manager", os.environ.get("ASIB_ENV_MANAGER", "local"))
+        finetune_overrides = shlex.split(pop_option(argv, "finetune_overrides", ""))
         exp, overrides = parse_exp_args(argv, default_exp="quickstart")
-        result = run_main(exp, overrides, env_manager=env_manager, baseline=baseline, nproc=nproc)
+        result = run_main(exp, overrides, env_manager=env_manager, baseline=baseline, nproc=nproc,
+                          finetune_overrides=finetune_overrides)
         print(f"main run {result.parent_run_id}")
         for name, run_id in result.steps.items():
             print(f"  {name}: {run_id}{' (reused)' if result.reused.get(name) else ''}")

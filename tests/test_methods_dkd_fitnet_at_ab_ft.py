@@ -1,7 +1,7 @@
 """Tests of the dkd, fitnet, at, ab and ft distillers (asib_core/methods/*.py).
 
-Real data (scikit-learn digits as 32x32 RGB, a small balanced subset for speed), a
-resnet20 teacher trained with CE for a few epochs in a module fixture, resnet8 students.
+Real data (scikit-learn digits as 32x32 RGB; the students train on a small balanced subset
+for speed), a resnet20 teacher trained with CE in a module fixture, resnet8 students.
 Per method: (a) forward_train returns [B, 10] logits and the expected finite loss names;
 (b) a few epochs of ``engine.loop.train_epoch`` make the summed loss fall; (c) the
 auxiliary modules have the right shapes; (d) every key of the method file changes what it
@@ -40,7 +40,7 @@ METHOD_KEYS = {
     "ab": {"attention_weight": 1.0, "feature_weight": 0.5},
     "ft": {"factor_weight": 200.0, "feature_weight": 0.5},
 }
-OWN_TERM = {"dkd": "dkd", "fitnet": "hint", "at": "at", "ab": "ab", "ft": "ft"}
+OWN_TERM = {"dkd": "dkd", "fitnet": "hint", "at": "at", "ab": "at", "ft": "ft"}  # ab: stage 2
 
 
 def cfg_for(method: str, **over) -> dict:
@@ -65,31 +65,49 @@ def build(method: str, teachers, seed: int = 0, **over):
     return build_distiller(cfg_for(method, **over), s, teachers)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on 2 shared cores, 2 OpenMP threads run ~5-10x slower here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data():
     return build_data(DATA_CFG, CPU)
 
 
 @pytest.fixture(scope="module")
-def teacher(data):
-    """resnet20 trained with CE on the digits subset (frozen afterwards by the distillers)."""
+def teacher():
+    """resnet20 trained with CE for one epoch on the full digits training split (+ BN re-estimate)."""
+    full = build_data({**DATA_CFG, "dataset": {**DATA_CFG["dataset"], "train_per_class": None}}, CPU)
     torch.manual_seed(0)
     model = create_model("resnet20", num_classes=10)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    loader = data.loader("train")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loader = full.loader("train")
+    loader.set_epoch(0)
     model.train()
-    for epoch in range(5):
-        loader.set_epoch(epoch)
-        for x, y, _ in loader:
-            loss = torch.nn.functional.cross_entropy(model(x)["logit"], y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    for x, y, _ in loader:
+        loss = torch.nn.functional.cross_entropy(model(x)["logit"], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # few steps leave BN running stats behind the weights: re-estimate them (cumulative mean)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        for i, (x, _, _) in enumerate(loader):
+            model(x)
+            if i == 4:
+                break
     model.eval()
     with torch.no_grad():
-        val = data.loader("val")
-        correct = sum(int((model(xb)["logit"].argmax(1) == yb).sum()) for xb, yb, _ in val)
-    model.val_acc = correct / len(data.val)
+        correct = sum(int((model(xb)["logit"].argmax(1) == yb).sum()) for xb, yb, _ in full.loader("val"))
+    model.val_acc = correct / len(full.val)
     return model
 
 
@@ -100,6 +118,7 @@ def batch(data):
 
 
 def test_teacher_is_meaningful(teacher):
+    print("teacher val acc", teacher.val_acc)
     assert teacher.val_acc > 0.5
 
 
@@ -132,7 +151,7 @@ def test_forward_train_logits_and_loss_names(method, teacher, batch):
 def test_training_reduces_loss(method, teacher, data):
     dist = build(method, [teacher], kd_warmup_epochs=1)
     params = dist.student_parameters() + dist.auxiliary_parameters()
-    assert dist.auxiliary_parameters() or method in ("dkd", "at")
+    assert bool(dist.auxiliary_parameters()) == (method in ("fitnet", "ft"))
     opt = torch.optim.AdamW(params, lr=2e-3)
     loader = data.loader("train")
     precision = Precision(CPU, False)
@@ -145,6 +164,7 @@ def test_training_reduces_loss(method, teacher, data):
                           EpochSettings(epoch=epoch))
         totals.append(res.metrics["loss"])
         assert OWN_TERM[method] in res.metrics
+    print(method, totals)
     assert totals[-1] < totals[0], totals
     # per-epoch diagnostics were recorded
     assert dist.pop_epoch_metrics()
@@ -257,7 +277,7 @@ def test_fitnet_hint_layer_and_hint_beta(teacher, batch):
         _, losses = dist.forward_train(batch, ctx_at())
         expect = fitnet_loss(dist.regressor(dist.student(batch.x)[layer]), t_out[layer])
         torch.testing.assert_close(losses["hint"], 100.0 * expect, rtol=1e-4, atol=1e-6)
-        values[layer] = float(losses["hint"])
+        values[layer] = float(losses["hint"].detach())
     assert values["feat_4d_layer1"] != values["feat_4d_layer3"]
     a = build("fitnet", [teacher], hint_beta=100.0)
     b = build("fitnet", [teacher], hint_beta=25.0)
@@ -314,11 +334,16 @@ def test_at_beta_scales_summed_stage_loss(teacher, batch):
     torch.testing.assert_close(la["at"], 1e4 * lb["at"], rtol=1e-4, atol=1e-7)
 
 
-def test_ab_attention_weight_is_stage2_weight(teacher, batch):
+def test_ab_attention_weight_is_stage2_at_weight(teacher, batch):
+    with torch.no_grad():
+        t_out = teacher(batch.x)
     one = build("ab", [teacher], attention_weight=1.0)
     two = build("ab", [teacher], attention_weight=2.0)
     l1, l2 = one.forward_train(batch, ctx_at())[1], two.forward_train(batch, ctx_at())[1]
-    torch.testing.assert_close(l2["ab"], 2.0 * l1["ab"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(l2["at"], 2.0 * l1["at"], rtol=1e-5, atol=1e-7)
+    s_out = one.student(batch.x)
+    expect = sum(at_loss(s_out[f"feat_4d_layer{i}"], t_out[f"feat_4d_layer{i}"]) for i in (1, 2, 3))
+    torch.testing.assert_close(l1["at"], expect, rtol=1e-4, atol=1e-7)
     off = build("ab", [teacher], attention_weight=0.0, kd_alpha=0.0)
     _, l0 = off.forward_train(batch, ctx_at())
     assert set(l0) == {"ce"} and off.auxiliary_modules() == [] and off.needed_teachers() == []

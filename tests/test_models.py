@@ -56,6 +56,16 @@ FINAL_SIDE_32 = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_intra_op_thread():
+    """Tiny batches gain nothing from threads, and on a loaded 2-core machine the thread pool's
+    spin-waiting made forward passes up to 100x slower; restored after this module."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def run(model: FeatureModel, size: int = 32, batch: int = 2) -> dict[str, torch.Tensor]:
     """Forward ``batch`` random images of ``size`` x ``size`` in eval mode."""
     torch.manual_seed(0)

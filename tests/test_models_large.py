@@ -28,6 +28,16 @@ LARGE_MODELS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_intra_op_thread():
+    """Tiny batches gain nothing from threads, and on a loaded 2-core machine the thread pool's
+    spin-waiting made forward passes up to 100x slower; restored after this module."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def stem_checks(name: str, model) -> None:
     family = model_info(name).family
     if family == "convnext":

@@ -14,13 +14,15 @@ Two stages (teacher ``kd_teacher_index``):
    Length: ``min(30, max(1, total_student_epochs // 8))`` epochs (the reference's 30
    epochs before a 240-epoch run), own optimiser (the student's kind, ``student_lr``,
    ``student_weight_decay``, constant LR).
-2. the student epochs::
+2. the student epochs (the paper: CE + KD; the connectors are no longer used)::
 
-       ce_alpha * CE + kd_alpha * kd_ramp * KD_T (kd_alpha != 0) + attention_weight * AB   ("ab")
+       ce_alpha * CE + kd_alpha * kd_ramp * KD_T (kd_alpha != 0)
+     + attention_weight * sum_l AT(f_s^l, f_t^l)                            ("at", omitted when 0)
 
-   ``attention_weight = 0`` is the paper (stage 2 = CE + KD); a positive value keeps the
-   boundary loss on (RepDistiller's "can also add loss to this stage"), and then the
-   connectors are trained with the student.
+   ``attention_weight`` is **not part of the paper**: as for ReviewKD it weights an
+   attention-transfer term (``at_loss``, p = 2, mean-normalised as in the ``at`` method) on
+   the same stage pairs, taken after the activation (``feat_4d_layer{i}``). AT's reference
+   weight is 1000, so the seed's 1.0 makes it a very weak term; 0 gives the paper's AB.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import logging
 import torch
 from torch import nn
 
-from asib_core.losses import ab_loss
+from asib_core.losses import ab_loss, at_loss
 
 from ._baseline_kd import (
     BaselineDistiller,
@@ -56,20 +58,22 @@ class AB(BaselineDistiller):
     def __init__(self, student, teachers, cfg):
         super().__init__(student, teachers, cfg)
         self.feature_weight = float(cfg.get("feature_weight", 1.0))      # stage-1 AB weight
-        self.attention_weight = float(cfg.get("attention_weight", 0.0))  # stage-2 AB weight
-        # stage 2 reads teacher features only when the AB term stays on
+        self.attention_weight = float(cfg.get("attention_weight", 0.0))  # stage-2 AT weight
+        # stage 2 reads teacher features only for the optional AT term
         self.uses_feature_teacher = self.attention_weight != 0.0
         s_shapes = probe_shapes(self.student)
         t_shapes = probe_shapes(self.feature_teacher)
         self.pairs = pair_stages(stage_keys(s_shapes, "preact_4d_layer"),
                                  stage_keys(t_shapes, "preact_4d_layer"))
+        self.at_pairs = [(s_key.replace("preact_", "feat_"), t_key.replace("preact_", "feat_"))
+                         for s_key, t_key in self.pairs]
         self.connectors = nn.ModuleList(
             conv_regressor(s_shapes[s_key], t_shapes[t_key], relu=False) for s_key, t_key in self.pairs
         ).to(model_device(self.student))
         self.pretrain_epochs_run = 0
 
     def auxiliary_modules(self):
-        return [self.connectors] if self.attention_weight != 0.0 else []
+        return []  # the connectors are trained in the first stage only
 
     def ab_term(self, s_out: dict, t_out: dict) -> tuple[torch.Tensor, float]:
         """Unweighted multi-layer AB loss and the fraction of neurons on the teacher's side."""
@@ -110,7 +114,8 @@ class AB(BaselineDistiller):
         outs = self.teacher_forward(batch.x)
         losses = self.ce_kd_losses(batch, logits, outs, ctx)
         if self.attention_weight != 0.0:
-            ab, agree = self.ab_term(out, outs[self.feature_teacher_index])
-            losses["ab"] = self.attention_weight * ab
-            self.record(ab_agree=agree)
+            t_out = outs[self.feature_teacher_index]
+            at_sum = sum(at_loss(out[s_key], t_out[t_key]) for s_key, t_key in self.at_pairs)
+            losses["at"] = self.attention_weight * at_sum
+            self.record(at_raw=float(at_sum.detach()))
         return logits, losses

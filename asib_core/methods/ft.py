@@ -104,7 +104,7 @@ class FT(BaselineDistiller):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.paraphraser.train(mode and self._pretraining)  # frozen after its own stage
+        self.paraphraser.train(mode and getattr(self, "_pretraining", False))  # frozen after its own stage
         return self
 
     def auxiliary_modules(self):

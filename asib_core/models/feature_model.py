@@ -11,6 +11,7 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from torch import nn
 
 
@@ -106,6 +107,8 @@ class FeatureModel(nn.Module):
         if len(backbone.stages) != len(backbone.stage_channels):
             raise ValueError("one channel count per stage is required")
         self.model_name = name
+        #: gradient (activation) checkpointing of the stages in training (saves memory)
+        self.activation_checkpointing = False
         self.weights_source = backbone.weights_source
         self.stem = backbone.stem
         self.num_stages = len(backbone.stages)
@@ -166,8 +169,12 @@ class FeatureModel(nn.Module):
         """Run stem and stages only; returns the per-stage maps and ``feat_4d``."""
         out: dict[str, torch.Tensor] = {}
         x = self.stem(x)
+        use_ckpt = self.training and self.activation_checkpointing and torch.is_grad_enabled()
         for i, stage in enumerate(self.stages(), start=1):
-            pre, x = stage.forward_with_preact(x)
+            if use_ckpt:  # recompute the stage in backward instead of storing its activations
+                pre, x = checkpoint(stage.forward_with_preact, x, use_reentrant=False)
+            else:
+                pre, x = stage.forward_with_preact(x)
             out[f"feat_4d_layer{i}"] = x
             out[f"preact_4d_layer{i}"] = pre
         out["feat_4d"] = x

@@ -56,14 +56,14 @@ def _launch(entry_point: str, parameters: dict, parent_id: str, experiment_id: s
 
 
 def _finetune_overrides(cfg: dict, index: int) -> list[str]:
-    subset = class_subset_tag(cfg, index)
-    if subset == "all":
-        return [f"seed={cfg['seed']}"] if False else []
+    """The class subset of an overlap experiment's teacher (nothing otherwise)."""
+    if class_subset_tag(cfg, index) == "all":
+        return []
     return [f"overlap_pct={cfg['overlap_pct']}", f"subset={index}", f"seed={cfg['seed']}"]
 
 
 def run_main(exp: str, overrides: list[str], *, env_manager: str = "local", baseline: str = "ce",
-             nproc: int = 1) -> ChainResult:
+             nproc: int = 1, finetune_overrides: list[str] = ()) -> ChainResult:
     setup_logging()
     configure_tracking()
     resolved = resolve_experiment(exp, overrides)       # refuse a bad config before any work
@@ -94,7 +94,7 @@ def run_main(exp: str, overrides: list[str], *, env_manager: str = "local", base
                 if not cfg.get(role, {}).get("name") or _explicit_ckpt(cfg, role):
                     continue
                 teacher = cfg[role]["name"]
-                ft_over = _finetune_overrides(cfg, index)
+                ft_over = _finetune_overrides(cfg, index) + list(finetune_overrides)
                 ft_cfg = finetune_config(teacher, dataset, ft_over)
                 step(f"finetune_{role}", "finetune",
                      {"teacher": teacher, "dataset": dataset, "overrides": shlex.join(ft_over)},

@@ -6,7 +6,6 @@ run -> build data / models / method -> verify lock (before_run) -> fit -> verify
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -115,6 +114,11 @@ def run_distill(exp: str, overrides: list[str], *, parent_run_id: str | None = N
     resolved: ResolvedConfig = resolve_experiment(exp, overrides)
     cfg, lock = resolved.cfg, resolved.lock
     configure_tracking()
+    seed_everything(int(cfg["seed"]), bool(cfg.get("deterministic", True)))
+    device = resolve_device(cfg.get("device"))
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    data = build_data(cfg, device)  # a missing dataset fails here, before any training state
     method_cls = get_method(cfg["method_name"])
     sources = resolve_teachers(cfg) if method_cls.needs_teachers else []
     identity = run_identity(cfg, [s.path for s in sources])
@@ -125,20 +129,16 @@ def run_distill(exp: str, overrides: list[str], *, parent_run_id: str | None = N
                     student=cfg["model"]["student"]["name"], **{"asib.identity": identity})
     tags.update({f"{s.role}_run": s.run_id for s in sources if s.run_id})
     if not dist.is_main:
-        return _fit(cfg, lock, sources, state_dir, dist, None, inject_nonfinite)
+        return _fit(cfg, lock, sources, data, device, state_dir, dist, None, inject_nonfinite)
     with open_run(experiment=experiment_for(cfg["dataset"]["name"]), run_name=run_name(cfg), tags=tags,
                   resume_run_id=resume_id, nested=parent_run_id is not None,
                   parent_run_id=parent_run_id) as run:
-        return _fit(cfg, lock, sources, state_dir, dist, run, inject_nonfinite)
+        return _fit(cfg, lock, sources, data, device, state_dir, dist, run, inject_nonfinite)
 
 
-def _fit(cfg, lock, sources, state_dir, dist: DistContext, run, inject_nonfinite) -> StepResult:
+def _fit(cfg, lock, sources, data, device, state_dir, dist: DistContext, run, inject_nonfinite) -> StepResult:
     seed_everything(int(cfg["seed"]), bool(cfg.get("deterministic", True)))
-    device = resolve_device(cfg.get("device"))
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
     precision = Precision(device, bool(cfg.get("use_amp")), str(cfg.get("amp_dtype", "bfloat16")))
-    data = build_data(cfg, device)
     finalize_with_runtime(cfg, num_classes=int(data.num_classes),
                           **{f"{s.role}_ckpt": str(s.path) for s in sources})
     channels_last = bool(cfg.get("use_channels_last"))
@@ -193,8 +193,6 @@ def _mean(values) -> float:
 def finish_run(run, trainer: TrainingRun, distiller, cfg: dict, data, sha: str, metrics: dict) -> None:
     step = trainer.state.log_step
     run.log_metrics(metrics, step=step)
-    buffer = io.BytesIO()
-    torch.save(deploy_payload(distiller, cfg, data, sha), buffer)
     path = trainer.state_dir / "student.pt"
     atomic_save(deploy_payload(distiller, cfg, data, sha), path)
     mlflow.log_artifact(str(path), artifact_path="model", run_id=run.run_id)

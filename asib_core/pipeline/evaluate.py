@@ -200,6 +200,7 @@ def run_evaluate(run_id: str, *, parent_run_id: str | None = None) -> StepResult
                     source.data.tags.get("config_sha256", ""), source_run=run_id,
                     teachers=source.data.tags.get("teachers", ""), student=source.data.tags.get("student", ""))
     tags["method"] = source.data.tags.get("method", "")
+    tags["asib.identity"] = f"evaluate-{run_id}"
     experiment = MlflowClient().get_experiment(source.info.experiment_id).name
     with open_run(experiment=experiment, run_name=f"evaluate {source.info.run_name}", tags=tags,
                   nested=parent_run_id is not None, parent_run_id=parent_run_id) as run:

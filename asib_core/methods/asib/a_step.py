@@ -1,0 +1,263 @@
+"""The ASIB A-step: per stage, train IB_MBM, the synergy head and (optionally) teacher
+parameters on the training split while the student is frozen (eval mode, no gradient).
+
+Epoch ``e`` (0-based within the stage's ``teacher_adapt_epochs`` epochs), per batch of clean
+(unmixed, augmented) training images::
+
+    q, s      = student(x)[feat_kd_key], student logits          (no grad, eval mode)
+    t_i       = teacher_i(x)[distill_feat | feat_2d]             (grad only into trained params)
+    z, mu, lv = IB_MBM(q, [t_1, t_2])                            (z sampled: training mode)
+    syn       = head(z)
+
+    window    W = min(synergy_only_epochs, teacher_adapt_epochs - 1)
+    e <  W:  L = mean_b CE_ls(syn_b, y_b)                          (synergy-only window)
+    e >= W:  L = synergy_ce_alpha * mean_b cw_b CE_ls(syn_b, y_b)
+               + beta(stage, e) * mean_b KL(N(mu_b, std_b^2) || N(0, I))   [use_ib, KL epochs]
+               + cccp_alpha * ramp(e) * tau^2 * mean_b KL(softmax(s_b/tau) || softmax(syn_b/tau))
+                                                                   [use_cccp and use_cccp_in_a]
+    always:    + ib_mbm_reg_lambda * mean over IB_MBM/head tensors of mean(p^2)
+
+with ``CE_ls`` the cross-entropy with ``label_smoothing``, ``cw_b = clamp(mean_j
+exp(-logvar_bj), min_cw, 1)`` (detached; 1 without ``use_ib``), the KL epochs
+``W <= e < W + ib_epochs_per_stage`` and ``beta``, ``ramp`` as in ``settings.py``. After
+every epoch the synergy accuracy on the validation split is measured (``a_step/syn_acc``);
+the value after the last epoch sets the gate. There is no rollback and no best-snapshot
+restore (a best-accuracy snapshot would systematically discard the CCCP epochs).
+
+Optimiser: a fresh AdamW per A-step with constant learning rates: IB_MBM ``a_step_lr *
+ib_mbm_lr_factor``, synergy head ``a_step_lr`` (both weight decay ``a_step_weight_decay``),
+teacher parameters ``teacher_lr`` (``teacher_weight_decay``).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from asib_core.engine.loop import NonFiniteLoss
+from asib_core.losses import cccp_loss, gaussian_kl
+
+from . import ppf
+
+log = logging.getLogger(__name__)
+ROLES = ("teacher1", "teacher2")
+
+
+def per_sample_ce(logits: torch.Tensor, batch, label_smoothing: float) -> torch.Tensor:
+    ce = F.cross_entropy(logits.float(), batch.y, reduction="none", label_smoothing=label_smoothing)
+    if batch.y_b is not None and batch.lam < 1.0:
+        ce_b = F.cross_entropy(logits.float(), batch.y_b, reduction="none", label_smoothing=label_smoothing)
+        ce = batch.lam * ce + (1.0 - batch.lam) * ce_b
+    return ce
+
+
+def a_step_certainty(effective_logvar: torch.Tensor, min_cw: float) -> torch.Tensor:
+    """A-step certainty weights: ``clamp(mean_j exp(-logvar_bj), min_cw, 1)`` (detached)."""
+    m = torch.exp(-effective_logvar.detach().float()).mean(dim=1)
+    return m.clamp(min(min_cw, 1.0), 1.0)
+
+
+def param_l2(modules) -> torch.Tensor:
+    tensors = [p for m in modules for p in m.parameters()]
+    return torch.stack([p.float().pow(2).mean() for p in tensors]).mean()
+
+
+def a_step_losses(distiller, batch, stage: int, epoch: int):
+    """One A-step batch: ``(synergy logits, {name: weighted loss})``; records diagnostics."""
+    s = distiller.settings
+    with torch.no_grad():
+        sout = distiller.student(batch.x)
+    query = sout[s.feat_kd_key].detach()
+    student_logits = sout["logit"].detach()
+    tokens = distiller.teacher_tokens(batch.x, a_step=True)
+    ib = distiller.ib_mbm(query, tokens)
+    syn = distiller.synergy_head(ib.z)
+    in_window = epoch < s.window
+    ce_vec = per_sample_ce(syn, batch, s.label_smoothing)
+    stats = {"a_step/window": float(in_window),
+             "a_step/logvar_mean": float(ib.logvar.detach().float().mean()),
+             "a_step/std_mean": float(ib.std.detach().float().mean())}
+    if in_window or not s.use_ib:
+        cw = torch.ones_like(ce_vec)
+    else:
+        cw = a_step_certainty(ib.effective_logvar, s.min_cw)
+    stats["a_step/cw_mean"] = float(cw.mean())
+    w_ce = 1.0 if in_window else s.synergy_ce_alpha
+    losses = {"syn_ce": w_ce * (cw * ce_vec).mean()}
+    if s.use_ib:
+        kl_raw = gaussian_kl(ib.mu, ib.effective_logvar, reduction="batchmean")
+        beta = s.beta(stage, epoch)
+        stats["a_step/ib_kl_raw"] = float(kl_raw.detach())
+        stats["a_step/beta"] = beta
+        losses["ib_kl"] = beta * kl_raw
+    if s.cccp_on:
+        ramp = s.cccp_ramp(epoch)
+        cccp_raw = cccp_loss(syn, student_logits, s.tau_a)
+        stats["a_step/cccp_raw"] = float(cccp_raw.detach())
+        stats["a_step/cccp_ramp"] = ramp
+        losses["cccp"] = s.cccp_alpha * ramp * cccp_raw
+    if s.ib_mbm_reg_lambda > 0:
+        losses["ib_reg"] = s.ib_mbm_reg_lambda * param_l2([distiller.ib_mbm, distiller.synergy_head])
+    distiller.record(**stats)
+    return syn, losses
+
+
+@torch.no_grad()
+def synergy_accuracy(distiller, loader, precision=None) -> float:
+    """Top-1 accuracy of ``head(mu)`` on ``loader`` with every module in eval mode; the
+    previous train/eval modes are restored afterwards. NaN for an empty loader."""
+    modules = [distiller.student, *distiller.teachers, distiller.ib_mbm, distiller.synergy_head]
+    modes = [[m.training for m in mod.modules()] for mod in modules]
+    for mod in modules:
+        mod.eval()
+    correct = seen = 0
+    try:
+        for x, y, *_ in loader:
+            ctx = precision.autocast() if precision is not None else torch.autocast("cpu", enabled=False)
+            with ctx:
+                logits = distiller.synergy_logits(x)
+            correct += int((logits.float().argmax(1) == y).sum())
+            seen += int(y.shape[0])
+    finally:
+        for mod, flags in zip(modules, modes):
+            for m, flag in zip(mod.modules(), flags):
+                m.training = flag
+    return correct / seen if seen else math.nan
+
+
+class AStep:
+    """Runs the A-step of one stage through ``runner.run_aux_epochs``."""
+
+    def __init__(self, distiller, stage: int, runner):
+        self.d = distiller
+        self.stage = stage
+        self.runner = runner
+        self.s = distiller.settings
+        self.teacher_params = []
+        self.frozen_teacher_bns = []
+        for i, teacher in enumerate(distiller.teachers):
+            role = ROLES[i] if i < len(ROLES) else ROLES[-1]
+            level = self.s.freeze_level(role, stage)
+            named = ppf.teacher_a_step_params(teacher, level, finetune=self.s.use_teacher_finetuning,
+                                              adapter_only=self.s.train_distill_adapter_only)
+            self.teacher_params.append(named)
+            if self.s.use_teacher_finetuning and self.s.use_partial_freeze and self.s.freeze_bn.get(role, True):
+                self.frozen_teacher_bns.extend(ppf.frozen_batchnorms(teacher, level))
+        self.last_acc = math.nan
+
+    # -- modes / grads ---------------------------------------------------------
+    def set_modes(self) -> None:
+        d = self.d
+        d.student.eval()
+        for teacher in d.teachers:
+            teacher.train(self.s.use_teacher_finetuning)
+        for bn in self.frozen_teacher_bns:
+            bn.eval()
+        d.ib_mbm.train()
+        d.synergy_head.train()
+
+    def set_grads(self, on: bool) -> None:
+        for teacher, named in zip(self.d.teachers, self.teacher_params):
+            teacher.requires_grad_(False)
+            if on:
+                for _, p in named:
+                    p.requires_grad_(True)
+
+    def optimizer(self) -> torch.optim.Optimizer:
+        s, d = self.s, self.d
+        groups = [
+            {"params": list(d.ib_mbm.parameters()), "lr": s.a_step_lr * s.ib_mbm_lr_factor,
+             "weight_decay": s.a_step_weight_decay, "name": "ib_mbm"},
+            {"params": list(d.synergy_head.parameters()), "lr": s.a_step_lr,
+             "weight_decay": s.a_step_weight_decay, "name": "synergy_head"},
+        ]
+        teacher = [p for named in self.teacher_params for _, p in named]
+        if teacher:
+            groups.append({"params": teacher, "lr": s.teacher_lr, "weight_decay": s.teacher_weight_decay,
+                           "name": "teachers"})
+        return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+
+    def trainable_counts(self) -> dict:
+        out = {"a_step/ib_mbm_params": float(sum(p.numel() for p in self.d.ib_mbm.parameters())),
+               "a_step/synergy_head_params": float(sum(p.numel() for p in self.d.synergy_head.parameters()))}
+        for i, named in enumerate(self.teacher_params, start=1):
+            out[f"a_step/teacher{i}_trainable_params"] = float(sum(p.numel() for _, p in named))
+        return out
+
+    # -- the run ------------------------------------------------------------------
+    def _snapshot(self) -> dict:
+        modules = {"ib_mbm": self.d.ib_mbm, "synergy_head": self.d.synergy_head}
+        for i, teacher in enumerate(self.d.teachers):
+            if self.teacher_params[i]:
+                modules[f"teacher{i}"] = teacher
+        return {k: copy.deepcopy(m.state_dict()) for k, m in modules.items()}
+
+    def _restore(self, snap: dict) -> None:
+        for key, state in snap.items():
+            module = (self.d.teachers[int(key[len("teacher"):])] if key.startswith("teacher")
+                      else getattr(self.d, key))
+            module.load_state_dict(state)
+
+    def run(self) -> float:
+        snap = self._snapshot()
+        try:
+            return self._run_once()
+        except NonFiniteLoss as first:
+            runner = self.runner
+            if runner.state.safe_retries >= 1:
+                raise RuntimeError(f"SAFE-RETRY failed: the A-step loss became non-finite again ({first}). "
+                                   "The run stops.") from first
+            log.warning("[SAFE-RETRY] A-step of stage %d: %s -- restoring its start state, AMP off",
+                        self.stage + 1, first)
+            self._restore(snap)
+            runner.state.safe_retries += 1
+            runner.precision.disable()
+            runner.cfg["use_amp"] = False
+            runner.lock.verify(runner.cfg, "before_safe_retry")
+            if runner.tracker is not None and runner.dist.is_main:
+                runner.tracker.set_tags({"asib.safe_retry": f"a_step stage {self.stage + 1}: {first}"[:500]})
+            runner.log_metrics({"safe_retry": float(runner.state.safe_retries)})
+            self.d.pop_epoch_metrics()
+            return self._run_once()
+        finally:
+            self.set_grads(False)
+            for teacher in self.d.teachers:
+                teacher.eval()
+            self.d.ib_mbm.eval()
+            self.d.synergy_head.eval()
+
+    def _run_once(self) -> float:
+        s, d, runner = self.s, self.d, self.runner
+        self.set_grads(True)
+        self.set_modes()
+        opt = self.optimizer()
+        params = [p for g in opt.param_groups for p in g["params"]]
+        counts = self.trainable_counts()
+        epochs = s.adapt_epochs
+
+        def step_fn(batch, e):
+            return a_step_losses(d, batch, self.stage, e)
+
+        def extra(e):
+            acc = synergy_accuracy(d, runner.val_loader, runner.precision)
+            self.set_modes()
+            self.last_acc = acc
+            metrics = {"a_step/syn_acc": acc, "a_step/lr_ib_mbm": opt.param_groups[0]["lr"],
+                       "a_step/lr_synergy_head": opt.param_groups[1]["lr"],
+                       "a_step/cccp_on": float(s.cccp_ramp(e) > 0), "a_step/ib_kl_on": float(s.kl_active(e) and s.use_ib),
+                       "a_step/beta_epoch": s.beta(self.stage, e) if s.use_ib else 0.0, "stage": self.stage + 1}
+            if e == 0:
+                metrics.update(counts)
+            if e == epochs - 1:
+                d.gate.syn_acc, d.gate.trained, d.gate.measured_stage = acc, True, self.stage
+                metrics.update(d.gate.metrics())
+            return metrics
+
+        runner.run_aux_epochs("a_step", step_fn, params, opt, epochs, mix=False,
+                              clamp=not s.disable_loss_clamp_in_a, extra_metrics=extra)
+        log.info("A-step of stage %d: validation synergy accuracy %.4f (gate threshold %.3f -> %s)",
+                 self.stage + 1, self.last_acc, s.gate_threshold, "open" if d.gate.open else "closed")
+        return self.last_acc

@@ -1,0 +1,325 @@
+"""The ASIB distiller (``method=asib``; ``asib_stage`` is the same class with the keys of
+``configs/experiment/method/asib_stage.yaml``). docs/asib.md describes the method as built.
+
+Per stage (``stage_start``): apply the stage's PPF levels, run the A-step (a_step.py) when
+``teacher_adapt_epochs > 0`` and set the synergy gate from the validation synergy accuracy
+measured after it (with no A-step the gate is closed: an untrained synergy never teaches).
+Then the engine runs the stage's B-step epochs through :meth:`forward_train`:
+
+    L = ce_alpha * CE_ls(s, y)
+      + kd_alpha * kd_ramp * c * mean_b w_b * k_b                       (logit KD)
+      + feat_kd_alpha * mean_b cw_b * d(f_b, mu_b)                     (feature KD, gate open)
+
+Teachers, the IB query and the student all see the same (Mixup/CutMix-mixed) batch.
+``k_b`` is the per-sample KD value toward the sample's target (targets.py):
+
+* ensemble-taught samples: ``tau^2 KL(q_ens || p^tau)``;
+* synergy-taught samples (``synergy``: all samples, ``auto``: those whose synergy label-CE
+  is not worse than the ensemble's; only while the gate is open):
+  ``tau_s^2 KL(q_syn || p^tau_s) + hybrid_beta * tau^2 KL(q_ens || p^tau)`` with
+  ``q_syn = (1 - a) softmax(synergy_logit_scale * head(mu) / tau_s) + a q_ens^tau_s``,
+  ``tau_s = tau_syn`` (or tau), ``a`` the ensemble share (``kd_ens_alpha`` ramping to
+  ``kd_ens_alpha_max`` over the stage's B-step epochs), ``head(z)`` with a sampled ``z``
+  instead of ``mu`` when ``use_mu_for_kd: false``.
+
+``w_b`` = IB certainty weight (``use_ib`` and the synergy teaching: ``clamp(m_b / mean m,
+min_cw, max_cw)``, ``m_b = mean_j exp(-logvar_bj)``) times the overlap validity (teacher
+mode). ``c`` is the engine's ``kd_max_ratio`` cap of the weighted KD term (runner.py).
+Feature KD: per-sample mean over dims of the Huber(``feat_kd_huber_beta``)
+or squared distance between the student's ``feat_kd_key`` feature and the detached IB
+``mu``, capped per sample at ``feat_kd_clip``.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from asib_core.config.errors import ConfigError
+from asib_core.config.finalize import finalize_with_runtime
+from asib_core.losses import certainty_weights, feature_kd_loss
+
+from ..base import Batch, Distiller, TrainContext
+from ..registry import register_method
+from . import ppf
+from .a_step import AStep, synergy_accuracy
+from .ib_mbm import IBMBM, SynergyHead
+from .settings import ASIBSettings
+from .targets import GateState, auto_choice, ensemble_target, kd_vector, synergy_target, teacher_mask
+
+log = logging.getLogger(__name__)
+
+
+def _feature_width(model: nn.Module, key: str, role: str) -> int:
+    if key == "distill_feat":
+        adapter = getattr(model, "distill_adapter", None)
+        if adapter is None:
+            raise ConfigError(
+                f"feat_kd_key=distill_feat but the {role} has no distillation adapter: set "
+                "use_distillation_adapter=true (and model.student.use_adapter=true), or feat_kd_key=feat_2d.")
+        return int(adapter.out_dim)
+    return int(model.num_features)
+
+
+@register_method("asib")
+class ASIB(Distiller):
+    needs_teachers = True
+
+    def __init__(self, student: nn.Module, teachers: list[nn.Module], cfg: dict):
+        super().__init__(student, teachers, cfg)
+        if not teachers:
+            raise ConfigError("the ASIB method needs at least one teacher (teacher1, teacher2).")
+        s = self.settings = ASIBSettings.from_cfg(cfg)
+        self.stage_epochs = [int(e) for e in cfg.get("student_epochs_per_stage") or [1]]
+        self.num_classes = int(student.num_classes)
+        self.gate = GateState(threshold=s.gate_threshold)
+        self._ppf_stage = -1
+        self._frozen_bn: list[nn.Module] = []
+        self.ib_mbm: IBMBM | None = None
+        self.synergy_head: SynergyHead | None = None
+        if s.needs_ib_mbm:
+            self._build_ib(cfg)
+        subsets = self._overlap_subsets(cfg) if s.use_overlap_sampling else None
+        self.register_buffer("overlap_subsets", subsets, persistent=False)
+        self._warn_about_config()
+
+    # -- construction ------------------------------------------------------------
+    def _build_ib(self, cfg: dict) -> None:
+        s = self.settings
+        q_dim = _feature_width(self.student, s.feat_kd_key, "student")
+        widths = sorted({int(t.distill_dim) for t in self.teachers})
+        if len(widths) != 1:
+            raise ConfigError(
+                f"the teachers' features have different widths {widths}: IB_MBM needs one token width. "
+                "Set use_distillation_adapter=true (every teacher then emits distill_out_dim features).")
+        kv_dim = widths[0]
+        d = int(s.ib_mbm_out_dim or kv_dim)
+        if cfg.get("ib_mbm_query_dim") != q_dim:
+            log.info("ib_mbm_query_dim: %s in the config, %d measured from the student's %s (used)",
+                     cfg.get("ib_mbm_query_dim"), q_dim, s.feat_kd_key)
+            finalize_with_runtime(cfg, ib_mbm_query_dim=q_dim)
+        if s.feat_kd_alpha > 0 and q_dim != d:
+            raise ConfigError(
+                f"feature KD compares the student's {s.feat_kd_key} ({q_dim} wide) with the IB mu "
+                f"(ib_mbm_out_dim={d}): the widths must agree. Use feat_kd_key=distill_feat with "
+                f"distill_out_dim={d}, or feat_kd_alpha=0.")
+        self.ib_mbm = IBMBM(q_dim, kv_dim, d, s.ib_mbm_n_head, logvar_clip=s.ib_mbm_logvar_clip,
+                            min_std=s.ib_mbm_min_std, feature_norm=s.ib_mbm_feature_norm, stochastic=s.use_ib)
+        self.synergy_head = SynergyHead(d, self.num_classes, s.synergy_head_dropout)
+        self.ib_mbm.eval()
+        self.synergy_head.eval()
+
+    def _overlap_subsets(self, cfg: dict) -> torch.Tensor:
+        from asib_core.data.splits import overlap_class_split
+
+        if len(self.teachers) != 2:
+            raise ConfigError("use_overlap_sampling=true needs exactly two teachers (teacher1, teacher2).")
+        subsets = overlap_class_split(self.num_classes, float(self.settings.overlap_pct), int(cfg.get("seed", 0)))
+        mask = torch.zeros(2, self.num_classes, dtype=torch.bool)
+        for i, classes in enumerate(subsets):
+            mask[i, classes] = True
+        return mask
+
+    def _warn_about_config(self) -> None:
+        s = self.settings
+        if s.adapt_epochs > 0 and not s.synergy_consumed:
+            log.warning("ASIB: the A-step trains the synergy, but the B-step never uses it (kd_target=%s, "
+                        "feat_kd_alpha=0): the A-step (IB, CCCP) cannot change the student in this run.",
+                        s.kd_target)
+        if s.adapt_epochs == 0 and s.synergy_consumed:
+            log.warning("ASIB: teacher_adapt_epochs=0, so the synergy is never trained and its gate stays "
+                        "closed: kd_target=%s teaches with the weighted_conf ensemble and feature KD is off "
+                        "for the whole run.", s.kd_target)
+        if s.use_ib and s.adapt_epochs > 0 and s.ib_beta > 0 and s.kl_epochs_per_stage == 0:
+            log.warning("ASIB: use_ib=true and ib_beta=%g but ib_epochs_per_stage=%d: the IB KL term never "
+                        "switches on (the latent is still sampled in the A-step).", s.ib_beta,
+                        s.ib_epochs_per_stage)
+
+    # -- modes -----------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.ib_mbm is not None:
+            self.ib_mbm.eval()
+            self.synergy_head.eval()
+        for bn in self._frozen_bn:
+            bn.eval()
+        return self
+
+    # -- features ----------------------------------------------------------------
+    @staticmethod
+    def _token(out: dict) -> torch.Tensor:
+        return out["distill_feat"] if "distill_feat" in out else out["feat_2d"]
+
+    def teacher_tokens(self, x: torch.Tensor, a_step: bool = False) -> list[torch.Tensor]:
+        """Teacher tokens for IB_MBM. In the A-step the graph is kept only through the
+        teacher parameters being trained (adapters only: the backbone runs without grad)."""
+        s = self.settings
+        tokens = []
+        for teacher in self.teachers:
+            trains = a_step and any(p.requires_grad for p in teacher.parameters())
+            if trains and s.use_teacher_finetuning:
+                tokens.append(self._token(teacher(x)))
+            elif trains:
+                with torch.no_grad():
+                    feat = teacher(x)["feat_2d"]
+                tokens.append(teacher.distill_adapter(feat))
+            else:
+                with torch.no_grad():
+                    tokens.append(self._token(teacher(x)))
+        return tokens
+
+    @torch.no_grad()
+    def synergy_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Evaluation synergy prediction ``head(mu)`` (callers set eval mode)."""
+        query = self.student(x)[self.settings.feat_kd_key]
+        ib = self.ib_mbm(query, self.teacher_tokens(x), sample=False)
+        return self.synergy_head(ib.mu)
+
+    # -- PPF -----------------------------------------------------------------------
+    def apply_stage_ppf(self, stage: int) -> dict:
+        s = self.settings
+        self._ppf_stage = stage
+        if not s.use_partial_freeze:
+            self._frozen_bn = []
+            return {}
+        level = s.freeze_level("student", stage)
+        self._frozen_bn = ppf.apply_student_level(self.student, level, s.freeze_bn["student"])
+        trainable = sum(p.numel() for p in self.student.parameters() if p.requires_grad)
+        metrics = {"ppf/student_level": float(level), "ppf/student_trainable_params": float(trainable)}
+        for i, role in enumerate(("teacher1", "teacher2")[: len(self.teachers)], start=1):
+            metrics[f"ppf/teacher{i}_level"] = float(s.freeze_level(role, stage))
+        return metrics
+
+    # -- stages --------------------------------------------------------------------
+    def stage_start(self, stage: int, runner) -> None:
+        s = self.settings
+        metrics = self.apply_stage_ppf(stage)
+        if metrics:
+            runner.log_metrics(metrics)
+        if s.adapt_epochs > 0:
+            AStep(self, stage, runner).run()
+        elif self.ib_mbm is not None:
+            # no A-step: measure (and log) the untrained synergy, keep the gate closed
+            self.gate.syn_acc = synergy_accuracy(self, runner.val_loader, runner.precision)
+            self.gate.measured_stage = stage
+            runner.log_metrics({**self.gate.metrics(), "stage": stage + 1})
+            log.warning("ASIB stage %d: no A-step ran; the synergy is untrained (validation accuracy %.4f) "
+                        "and the gate stays closed.", stage + 1, self.gate.syn_acc)
+        else:
+            runner.log_metrics({**self.gate.metrics(), "stage": stage + 1})
+
+    # -- B-step ------------------------------------------------------------------
+    def forward_train(self, batch: Batch, ctx: TrainContext):
+        s = self.settings
+        out = self.student(batch.x)
+        logits = out["logit"]
+        ce_raw = batch.ce(logits, s.ce_label_smoothing)
+        losses = {"ce": self.ce_alpha * ce_raw}
+        kd_w = self.kd_alpha * ctx.kd_ramp
+        gate_open = self.ib_mbm is not None and self.gate.open
+        syn_teaches = gate_open and s.uses_synergy_target and kd_w > 0
+        feat_on = gate_open and s.feat_kd_alpha > 0
+        stats = {"gate/open": float(gate_open), "kd/tau": ctx.tau, "kd/syn_ratio": 0.0}
+        if self.gate.syn_acc == self.gate.syn_acc:
+            stats["gate/syn_acc"] = self.gate.syn_acc
+        if kd_w <= 0 and not feat_on:
+            self.record(**stats)
+            return logits, losses
+
+        need_all = syn_teaches or feat_on or s.kd_target != "teacher" or s.use_overlap_sampling
+        with torch.no_grad():
+            if need_all:
+                touts = [t(batch.x) for t in self.teachers]
+            else:
+                k = int(self.cfg.get("kd_teacher_index", 0) or 0)
+                touts = [None] * len(self.teachers)
+                touts[k] = self.teachers[k](batch.x)
+        mask = teacher_mask(self.overlap_subsets, batch, len(self.teachers))
+        ib = cw = None
+        if syn_teaches or feat_on:
+            with torch.no_grad():
+                ib = self.ib_mbm(out[s.feat_kd_key].detach(), [self._token(o) for o in touts],
+                                 sample=not s.use_mu_for_kd)
+            if s.use_ib:
+                cw = certainty_weights(ib.effective_logvar, s.min_cw, s.max_cw, normalize=True)
+                stats["kd/cw_mean"] = float(cw.mean())
+
+        if kd_w > 0:
+            tau = ctx.tau
+            ens_mode = "weighted_conf" if s.uses_synergy_target else s.kd_target
+            tlogits = [o["logit"] if o is not None else None for o in touts]
+            if not need_all:  # teacher mode without extras: only teacher k ran
+                tlogits = [t if t is not None else tlogits[k] for t in tlogits]
+            q_ens, valid = ensemble_target(ens_mode, self.cfg, tlogits, tau, mask)
+            k_vec = kd_vector(logits, q_ens, tau)
+            weight = valid
+            if syn_teaches:
+                with torch.no_grad():
+                    z_syn = self.synergy_head(ib.mu if s.use_mu_for_kd else ib.z).float()
+                tau_s = s.tau_syn or tau
+                a = s.ens_alpha(ctx.epoch_in_stage, self.stage_epochs[min(ctx.stage, len(self.stage_epochs) - 1)])
+                q_ens_s = q_ens
+                if a > 0 and tau_s != tau:
+                    q_ens_s = ensemble_target(ens_mode, self.cfg, tlogits, tau_s, mask)[0]
+                q_syn = synergy_target(z_syn, s.synergy_logit_scale, tau_s, q_ens_s, a)
+                k_syn = kd_vector(logits, q_syn, tau_s)
+                if s.hybrid_beta > 0:
+                    k_syn = k_syn + s.hybrid_beta * k_vec
+                if s.kd_target == "auto":
+                    q_ens_1 = ensemble_target(ens_mode, self.cfg, tlogits, 1.0, mask)[0]
+                    choose = auto_choice(z_syn, q_ens_1, batch)
+                else:
+                    choose = torch.ones_like(k_vec, dtype=torch.bool)
+                k_vec = torch.where(choose, k_syn, k_vec)
+                if cw is not None:
+                    weight = weight * cw
+                stats.update({"kd/syn_ratio": float(choose.float().mean()), "kd/tau_syn": tau_s,
+                              "kd/ens_alpha": a})
+            kd_raw = (weight * k_vec).mean()
+            losses["kd"] = kd_w * kd_raw          # the engine applies kd_max_ratio to this term
+            stats["kd/raw"] = float(kd_raw.detach())
+            if mask is not None:
+                stats["kd/overlap_teachers_per_sample"] = float(mask.float().sum(1).mean())
+
+        if feat_on:
+            f_vec = feature_kd_loss(out[s.feat_kd_key], ib.mu, clip=s.feat_kd_clip,
+                                    huber_beta=s.feat_kd_huber_beta, reduction="none",
+                                    feature_reduction="mean", clip_mode="sample", detach_target=True)
+            f_w = cw if cw is not None else torch.ones_like(f_vec)
+            feat_raw = (f_w * f_vec).mean()
+            losses["feat_kd"] = s.feat_kd_alpha * feat_raw
+            stats["feat_kd/raw"] = float(feat_raw.detach())
+        self.record(**stats)
+        return logits, losses
+
+    # -- checkpoints ---------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        """Student, IB_MBM, synergy head, the teachers' adapters (or whole teachers with
+        ``use_teacher_finetuning``: the A-step trains them) and the gate / PPF state."""
+        state = super().checkpoint_state()
+        for i, teacher in enumerate(self.teachers):
+            if self.settings.use_teacher_finetuning:
+                part = {f"teachers.{i}.{k}": v for k, v in teacher.state_dict().items()}
+            elif getattr(teacher, "distill_adapter", None) is not None:
+                part = {f"teachers.{i}.distill_adapter.{k}": v
+                        for k, v in teacher.distill_adapter.state_dict().items()}
+            else:
+                part = {}
+            state.update(part)
+        state["_asib"] = {"gate": self.gate.as_dict(), "ppf_stage": int(self._ppf_stage)}
+        return state
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        state = dict(state)
+        extra = state.pop("_asib", None) or {}
+        super().load_checkpoint_state(state)
+        self.gate.load(extra.get("gate", {}))
+        stage = int(extra.get("ppf_stage", -1))
+        if stage >= 0:
+            self.apply_stage_ppf(stage)
+
+
+@register_method("asib_stage")
+class ASIBStage(ASIB):
+    """``method=asib_stage``: the same method; its method file sets stage-oriented defaults."""

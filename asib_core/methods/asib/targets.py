@@ -1,0 +1,137 @@
+"""B-step KD targets of ASIB and the synergy gate.
+
+Every target is a per-sample probability matrix at a given temperature (detached), turned
+into a per-sample KD value ``T^2 * KL(q || softmax(s / T))`` by
+:func:`asib_core.losses.soft_target_kd_loss` (reduction ``none``).
+
+Ensemble targets (``kd_target`` teacher / avg / weighted_conf, and the fallback of
+synergy / auto while the gate is closed, which is ``weighted_conf``):
+
+* ``teacher``: ``softmax(t_k / T)``, ``k = kd_teacher_index``;
+* ``avg``: ``sum_i w_i softmax(t_i / T)`` with the normalised static ``teacher_weights``;
+* ``weighted_conf``: ``sum_i w_bi softmax(t_i / T)``, ``w_bi = a_bi / sum_j a_bj`` with
+  ``a_bi = max_c softmax(t_i,b)_c`` (each teacher's own max probability, temperature 1).
+
+With ``use_overlap_sampling`` (class-overlap experiments) a teacher only counts for the
+samples whose label (either label of a mixed sample) lies in its class subset: its weight
+is set to 0 there and the others are renormalised; in ``teacher`` mode the samples outside
+the chosen teacher's subset get no KD term.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from asib_core.losses import soft_target_kd_loss
+from asib_core.methods.targets import selected_teacher, teacher_weights
+
+
+def teacher_mask(subsets: torch.Tensor | None, batch, n_teachers: int) -> torch.Tensor | None:
+    """``[B, K]`` bool: teacher i knows sample b's label (``subsets``: ``[K, C]`` bool)."""
+    if subsets is None:
+        return None
+    mask = subsets[:, batch.y].T.clone()
+    if batch.y_b is not None and batch.lam < 1.0:
+        mask |= subsets[:, batch.y_b].T
+    none = ~mask.any(dim=1)
+    if none.any():  # a label no teacher saw: fall back to every teacher
+        mask[none] = True
+    return mask
+
+
+def _renormalise(weights: torch.Tensor) -> torch.Tensor:
+    return weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def ensemble_target(mode: str, cfg: dict, teacher_logits: list[torch.Tensor], tau: float,
+                    mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probs [B, C] at tau, sample_weight [B])`` of an ensemble KD target.
+
+    ``mode`` is ``teacher``, ``avg`` or ``weighted_conf``; ``sample_weight`` is 1 except in
+    ``teacher`` mode with an overlap mask (0 for samples the chosen teacher never saw).
+    """
+    logits = torch.stack([t.float() for t in teacher_logits], dim=0)   # [K, B, C]
+    K, B = logits.shape[0], logits.shape[1]
+    probs = F.softmax(logits / tau, dim=-1)
+    ones = logits.new_ones(B)
+    if mode == "teacher" or K == 1:
+        k = selected_teacher(cfg, K) if mode == "teacher" else 0
+        weight = ones if mask is None else mask[:, k].float()
+        return probs[k], weight
+    if mode == "avg":
+        w = logits.new_tensor(teacher_weights(cfg, K)).unsqueeze(0).expand(B, K)
+    elif mode == "weighted_conf":
+        w = F.softmax(logits, dim=-1).amax(dim=-1).T                   # [B, K]
+    else:
+        raise ValueError(f"not an ensemble target: {mode}")
+    if mask is not None:
+        w = w * mask.float()
+    w = _renormalise(w)
+    return torch.einsum("bk,kbc->bc", w, probs), ones
+
+
+@torch.no_grad()
+def synergy_target(synergy_logits: torch.Tensor, scale: float, tau: float, ensemble_probs: torch.Tensor,
+                   ens_alpha: float) -> torch.Tensor:
+    """``(1 - a) * softmax(scale * z / tau) + a * ensemble`` (probabilities at ``tau``)."""
+    q = F.softmax(scale * synergy_logits.float() / tau, dim=-1)
+    if ens_alpha <= 0:
+        return q
+    return (1.0 - ens_alpha) * q + ens_alpha * ensemble_probs
+
+
+@torch.no_grad()
+def label_ce(probs_or_logits: torch.Tensor, batch, is_logits: bool) -> torch.Tensor:
+    """Per-sample CE of a prediction against the (possibly mixed) labels."""
+    if is_logits:
+        logp = F.log_softmax(probs_or_logits.float(), dim=-1)
+    else:
+        logp = torch.log(probs_or_logits.float().clamp_min(1e-12))
+    ce = -logp.gather(1, batch.y.unsqueeze(1)).squeeze(1)
+    if batch.y_b is not None and batch.lam < 1.0:
+        ce_b = -logp.gather(1, batch.y_b.unsqueeze(1)).squeeze(1)
+        ce = batch.lam * ce + (1.0 - batch.lam) * ce_b
+    return ce
+
+
+@torch.no_grad()
+def auto_choice(synergy_logits: torch.Tensor, ensemble_probs_t1: torch.Tensor, batch) -> torch.Tensor:
+    """``auto``: sample b is taught by the synergy iff its label CE is not worse than the
+    ensemble's (both at temperature 1, mixed labels weighted by lambda)."""
+    return label_ce(synergy_logits, batch, True) <= label_ce(ensemble_probs_t1, batch, False)
+
+
+def kd_vector(student_logits: torch.Tensor, probs: torch.Tensor, tau: float) -> torch.Tensor:
+    return soft_target_kd_loss(student_logits, probs, tau, reduction="none")
+
+
+@dataclass
+class GateState:
+    """The synergy gate: open iff the synergy was trained by an A-step and its last
+    validation accuracy reaches ``threshold``."""
+
+    threshold: float
+    syn_acc: float = math.nan
+    trained: bool = False
+    measured_stage: int = -1
+
+    @property
+    def open(self) -> bool:
+        return self.trained and self.syn_acc == self.syn_acc and self.syn_acc >= self.threshold
+
+    def metrics(self) -> dict:
+        return {"gate/open": float(self.open), "gate/syn_acc": self.syn_acc,
+                "gate/threshold": self.threshold, "gate/synergy_trained": float(self.trained)}
+
+    def as_dict(self) -> dict:
+        return {"syn_acc": float(self.syn_acc), "trained": bool(self.trained),
+                "measured_stage": int(self.measured_stage)}
+
+    def load(self, state: dict) -> None:
+        self.syn_acc = float(state.get("syn_acc", math.nan))
+        self.trained = bool(state.get("trained", False))
+        self.measured_stage = int(state.get("measured_stage", -1))

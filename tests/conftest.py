@@ -1,0 +1,25 @@
+"""Shared fixtures. Every test that tracks runs gets its own temporary MLflow store and
+working directory: tests never touch the repository's mlflow.db or mlruns/."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("ASIB_NO_PROGRESS", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A fresh working directory with its own sqlite tracking store."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    import mlflow
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    yield tmp_path
+    while mlflow.active_run() is not None:
+        mlflow.end_run()

@@ -1,0 +1,130 @@
+"""Issue 4: finetune -> distill -> evaluate on real digits, in-process, tiny settings."""
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from asib_core.config import ConfigError
+from asib_core.errors import MissingArtifactError
+from asib_core.data import DatasetNotFoundError
+
+from tests.pipeline_helpers import TINY_DISTILL, TINY_FINETUNE, all_runs
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two tiny teachers fine-tuned and one vanilla-KD student distilled, in one store."""
+    import os
+
+    import mlflow
+
+    from asib_core.pipeline.distill import run_distill
+    from asib_core.pipeline.finetune import run_finetune
+
+    work = tmp_path_factory.mktemp("pipeline")
+    old_cwd, old_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    os.chdir(work)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    try:
+        ft1 = run_finetune("resnet20", "digits", TINY_FINETUNE)
+        ft2 = run_finetune("wrn_16_2", "digits", TINY_FINETUNE)
+        dist = run_distill("quickstart", TINY_DISTILL)
+        yield {"work": work, "ft": [ft1, ft2], "distill": dist}
+    finally:
+        os.chdir(old_cwd)
+        if old_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_uri
+
+
+def test_finetune_logs_checkpoint_and_tags(trained):
+    client = MlflowClient()
+    for result, teacher in zip(trained["ft"], ("resnet20", "wrn_16_2")):
+        run = client.get_run(result.run_id)
+        assert run.info.status == "FINISHED"
+        tags = run.data.tags
+        assert tags["step"] == "finetune" and tags["teacher"] == teacher and tags["dataset"] == "digits"
+        assert len(tags["config_sha256"]) == 64
+        names = {a.path for a in client.list_artifacts(result.run_id, "teacher")}
+        assert names == {f"teacher/{teacher}_digits.pth"}
+        assert 0.0 <= run.data.metrics["test/acc"] <= 1.0
+        assert (trained["work"] / f"checkpoints/teachers/{teacher}_digits.pth").exists()
+
+
+def test_distill_uses_finetuned_teachers_and_logs_per_epoch(trained):
+    client = MlflowClient()
+    run = client.get_run(trained["distill"].run_id)
+    tags = run.data.tags
+    assert run.info.status == "FINISHED"
+    assert tags["method"] == "vanilla_kd" and tags["teachers"] == "resnet20+wrn_16_2"
+    assert tags["student"] == "resnet8" and tags["exp"] == "quickstart"
+    assert run.info.run_name == "quickstart vanilla_kd resnet8 <- resnet20+wrn_16_2"
+    history = client.get_metric_history(run.info.run_id, "val/acc")
+    assert [m.step for m in history] == [0, 1]
+    for key in ("train/loss", "train/ce", "train/kd", "lr", "tau", "img_per_s", "epoch_time"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == 2, key
+    assert run.data.params["method_name"] == "vanilla_kd" and run.data.params["dataset.name"] == "digits"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model", "config", "accuracy_curves.png", "history.json"} <= artifacts
+    assert "teacher1/val_acc" in run.data.metrics and "teachers/disagreement" in run.data.metrics
+
+
+def test_evaluate_reports_everything_and_copies_headline(trained):
+    from asib_core.pipeline.evaluate import run_evaluate
+
+    source = trained["distill"].run_id
+    result = run_evaluate(source)
+    client = MlflowClient()
+    run = client.get_run(result.run_id)
+    metrics = run.data.metrics
+    for key in ("test/top1", "test/top5", "test/nll", "test/ece", "test/agreement_teacher1",
+                "test/agreement_teacher2", "params", "flops_per_image", "inference_img_per_s"):
+        assert key in metrics, key
+    assert metrics["test/top5"] >= metrics["test/top1"]
+    assert run.data.tags["source_run"] == source and run.data.tags["step"] == "evaluate"
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"per_class_accuracy.csv", "confusion_matrix.png"} <= artifacts
+    src = client.get_run(source).data.metrics
+    assert src["eval/top1"] == pytest.approx(metrics["test/top1"])
+    # the distill run's own best-on-validation test number agrees with evaluate
+    assert src["test/acc"] == pytest.approx(metrics["test/top1"])
+
+
+def test_evaluate_rejects_unknown_run(trained):
+    from asib_core.pipeline.evaluate import run_evaluate
+
+    with pytest.raises(MissingArtifactError, match="no run with id 'nope'"):
+        run_evaluate("nope")
+
+
+def test_no_run_left_running(trained):
+    assert all(r.info.status != "RUNNING" for r in all_runs(trained["work"]))
+
+
+def test_missing_teachers_print_the_finetune_command(workdir):
+    from asib_core.pipeline.distill import run_distill
+
+    with pytest.raises(MissingArtifactError) as err:
+        run_distill("quickstart", TINY_DISTILL)
+    message = str(err.value)
+    assert "checkpoints/teachers/resnet20_digits.pth" in message
+    assert "mlflow run . --env-manager local -e finetune -P teacher=resnet20 -P dataset=digits" in message
+
+
+def test_missing_dataset_names_path_and_how_to_get_it(workdir):
+    from asib_core.pipeline.distill import run_distill
+
+    with pytest.raises(DatasetNotFoundError) as err:
+        run_distill("quickstart", ["dataset=cifar100", f"experiment.dataset.root={workdir / 'nodata'}"])
+    message = str(err.value)
+    assert str(workdir / "nodata") in message and "download" in message
+    assert all(r.info.status != "RUNNING" for r in all_runs(workdir))
+
+
+def test_unknown_method_is_refused(workdir):
+    from asib_core.pipeline.distill import run_distill
+
+    with pytest.raises(ConfigError):
+        run_distill("quickstart", ["method=telepathy"])
