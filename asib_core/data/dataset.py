@@ -36,6 +36,9 @@ class DatasetNotFoundError(FileNotFoundError):
         )
         super().__init__(message)
 
+    def __reduce__(self):  # keep the structured fields when pickled (e.g. across processes)
+        return (type(self), (self.dataset, self.tried, self.how_to_get))
+
 
 @dataclass
 class ArrayDataset:

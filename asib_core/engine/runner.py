@@ -114,6 +114,9 @@ class TrainingRun:
         self.title = title
         self.state = RunState()
         self.inject_nonfinite: tuple[int, int] | None = None  # (student_epoch, batch) test hook
+        #: called after every student epoch with (student_epoch, metrics); may raise to stop
+        #: the run (an Optuna pruner raises TrialPruned here)
+        self.on_epoch_end: Callable[[int, dict], None] | None = None
         channels_last = bool(cfg.get("use_channels_last")) and device.type == "cuda"
         self.channels_last = channels_last
         bs = int(cfg["dataset"]["batch_size"]) // self.dist.world_size
@@ -281,6 +284,8 @@ class TrainingRun:
         log.info("epoch %d: train loss %.4f acc %.4f | val acc %.4f | %.0f img/s",
                  st.student_epoch, result.metrics["loss"], result.metrics["acc"], val["acc"],
                  result.metrics["img_per_s"])
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(st.student_epoch, metrics)
 
     def validate(self) -> dict:
         if len(self.data.val) == 0:

@@ -38,13 +38,13 @@ def selected_teacher(cfg: dict, n_teachers: int) -> int:
 def target_probs(cfg: dict, teacher_logits: list[torch.Tensor], tau: float) -> torch.Tensor:
     """Softened target distribution for logit KD at temperature ``tau``."""
     mode = cfg.get("kd_target", "avg")
+    if mode not in LOGIT_TARGETS:
+        raise ConfigError(
+            f"kd_target='{mode}' needs the ASIB method (method=asib); logit baselines accept "
+            f"{', '.join(LOGIT_TARGETS)}."
+        )
     if len(teacher_logits) == 1 or mode == "teacher":
         index = selected_teacher(cfg, len(teacher_logits)) if mode == "teacher" else 0
         return F.softmax(teacher_logits[index] / tau, dim=1)
-    if mode == "avg":
-        weights = teacher_weights(cfg, len(teacher_logits))
-        return sum(w * F.softmax(t / tau, dim=1) for w, t in zip(weights, teacher_logits))
-    raise ConfigError(
-        f"kd_target='{mode}' needs the ASIB method (method=asib); logit baselines accept "
-        f"{', '.join(LOGIT_TARGETS)}."
-    )
+    weights = teacher_weights(cfg, len(teacher_logits))
+    return sum(w * F.softmax(t / tau, dim=1) for w, t in zip(weights, teacher_logits))

@@ -108,7 +108,10 @@ def deploy_payload(distiller, cfg: dict, data, sha: str) -> dict:
 
 
 def run_distill(exp: str, overrides: list[str], *, parent_run_id: str | None = None,
-                inject_nonfinite: tuple[int, int] | None = None) -> StepResult:
+                inject_nonfinite: tuple[int, int] | None = None, on_epoch_end=None,
+                extra_tags: dict | None = None) -> StepResult:
+    """Run (or resume) one distillation. ``on_epoch_end(epoch, metrics)`` is called after
+    every student epoch (an Optuna pruner raises there); ``extra_tags`` go on the run."""
     setup_logging()
     dist = init_distributed()
     resolved: ResolvedConfig = resolve_experiment(exp, overrides)
@@ -128,15 +131,17 @@ def run_distill(exp: str, overrides: list[str], *, parent_run_id: str | None = N
     tags = run_tags(cfg, "distill", lock.sha256, teachers="+".join(teacher_names(cfg)) if sources else "none",
                     student=cfg["model"]["student"]["name"], **{"asib.identity": identity})
     tags.update({f"{s.role}_run": s.run_id for s in sources if s.run_id})
+    tags.update(extra_tags or {})
+    hooks = {"inject_nonfinite": inject_nonfinite, "on_epoch_end": on_epoch_end}
     if not dist.is_main:
-        return _fit(cfg, lock, sources, data, device, state_dir, dist, None, inject_nonfinite)
+        return _fit(cfg, lock, sources, data, device, state_dir, dist, None, hooks)
     with open_run(experiment=experiment_for(cfg["dataset"]["name"]), run_name=run_name(cfg), tags=tags,
                   resume_run_id=resume_id, nested=parent_run_id is not None,
                   parent_run_id=parent_run_id) as run:
-        return _fit(cfg, lock, sources, data, device, state_dir, dist, run, inject_nonfinite)
+        return _fit(cfg, lock, sources, data, device, state_dir, dist, run, hooks)
 
 
-def _fit(cfg, lock, sources, data, device, state_dir, dist: DistContext, run, inject_nonfinite) -> StepResult:
+def _fit(cfg, lock, sources, data, device, state_dir, dist: DistContext, run, hooks: dict) -> StepResult:
     seed_everything(int(cfg["seed"]), bool(cfg.get("deterministic", True)))
     precision = Precision(device, bool(cfg.get("use_amp")), str(cfg.get("amp_dtype", "bfloat16")))
     finalize_with_runtime(cfg, num_classes=int(data.num_classes),
@@ -157,7 +162,8 @@ def _fit(cfg, lock, sources, data, device, state_dir, dist: DistContext, run, in
                           precision=precision, optimizer=optimizer, scheduler=scheduler,
                           state_dir=state_dir, lock=lock, tracker=run, dist=dist,
                           title=f"{cfg['exp']}/{cfg['method_name']}")
-    trainer.inject_nonfinite = inject_nonfinite
+    trainer.inject_nonfinite = hooks.get("inject_nonfinite")
+    trainer.on_epoch_end = hooks.get("on_epoch_end")
     lock.verify(cfg, "before_run")
     state = trainer.fit()
     lock.verify(cfg, "after_run")
