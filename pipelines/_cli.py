@@ -29,6 +29,17 @@ def parse_exp_args(argv: list[str], default_exp: str | None = None) -> tuple[str
     return exp, overrides
 
 
+def enter_workdir() -> None:
+    """``mlflow run`` starts entry points in the project directory; a chained step runs in
+    the directory its ``main`` was started from (``$ASIB_WORKDIR``), where relative paths
+    (data, checkpoints, the default tracking store) belong."""
+    import os
+
+    workdir = os.environ.get("ASIB_WORKDIR")
+    if workdir:
+        os.chdir(workdir)
+
+
 def pop_option(argv: list[str], name: str, default: str) -> str:
     """Remove ``name=VALUE`` from argv and return VALUE (or the default)."""
     for i, item in enumerate(argv):
@@ -53,6 +64,7 @@ def user_errors():
     """Turn user errors (bad config, missing data/checkpoint) into exit code 2."""
     from asib_core.config.errors import ConfigError, ConfigLockError
 
+    enter_workdir()
     try:
         yield
     except (ConfigError, ConfigLockError) as exc:

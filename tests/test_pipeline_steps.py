@@ -128,3 +128,33 @@ def test_unknown_method_is_refused(workdir):
 
     with pytest.raises(ConfigError):
         run_distill("quickstart", ["method=telepathy"])
+
+
+def test_safe_retry_recovers_from_a_nonfinite_loss_and_keeps_the_hash(trained, monkeypatch):
+    from asib_core.pipeline.distill import run_distill
+
+    monkeypatch.chdir(trained["work"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{trained['work'] / 'mlflow.db'}")
+    result = run_distill("quickstart", [*TINY_DISTILL, "experiment.checkpoint_dir=retry"],
+                         inject_nonfinite=(1, 0, 1))
+    run = MlflowClient().get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert "non-finite loss at batch 0 of epoch 1" in run.data.tags["asib.safe_retry"]
+    assert run.data.metrics["safe_retry"] == 1.0 and result.metrics["epochs_trained"] == 2.0
+    normal = MlflowClient().get_run(trained["distill"].run_id)
+    # checkpoint_dir differs, so compare against the hash of the same overrides
+    from asib_core.config import resolve_experiment
+    expected = resolve_experiment("quickstart", [*TINY_DISTILL, "experiment.checkpoint_dir=retry"]).sha256
+    assert run.data.tags["config_sha256"] == expected != normal.data.tags["config_sha256"]
+
+
+def test_second_nonfinite_loss_ends_the_run_failed(trained, monkeypatch):
+    from asib_core.pipeline.distill import run_distill
+
+    monkeypatch.chdir(trained["work"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{trained['work'] / 'mlflow.db'}")
+    with pytest.raises(RuntimeError, match="SAFE-RETRY failed"):
+        run_distill("quickstart", [*TINY_DISTILL, "experiment.checkpoint_dir=retry2"], inject_nonfinite=(0, 0, 2))
+    failed = [r for r in all_runs(trained["work"]) if r.data.params.get("checkpoint_dir") == "retry2"]
+    assert len(failed) == 1 and failed[0].info.status == "FAILED"
+    assert "SAFE-RETRY failed" in failed[0].data.tags["asib.error"]

@@ -113,7 +113,9 @@ class TrainingRun:
         self.dist = dist or DistContext()
         self.title = title
         self.state = RunState()
-        self.inject_nonfinite: tuple[int, int] | None = None  # (student_epoch, batch) test hook
+        #: test hook: (student_epoch, batch, times) poisons that batch's loss `times` times
+        self.inject_nonfinite: tuple[int, int, int] | None = None
+        self._injected = 0
         #: called after every student epoch with (student_epoch, metrics); may raise to stop
         #: the run (an Optuna pruner raises TrialPruned here)
         self.on_epoch_end: Callable[[int, dict], None] | None = None
@@ -243,8 +245,10 @@ class TrainingRun:
         self.distiller.train()
         self.train_loader.set_epoch(st.student_epoch)
         inject = None
-        if self.inject_nonfinite and self.inject_nonfinite[0] == st.student_epoch and st.safe_retries == 0:
+        if self.inject_nonfinite and self.inject_nonfinite[0] == st.student_epoch \
+                and self._injected < self.inject_nonfinite[2]:
             inject = self.inject_nonfinite[1]
+            self._injected += 1
         settings = EpochSettings(
             epoch=st.student_epoch, mixup_alpha=spec.mixup_alpha, cutmix_alpha=spec.cutmix_alpha,
             grad_clip_norm=spec.grad_clip_norm, clamp_cfg=spec.clamp_cfg, seed=spec.seed,

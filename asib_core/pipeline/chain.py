@@ -10,6 +10,7 @@ trained with cross-entropy alone, and the parent run reports both accuracies.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,7 @@ def run_main(exp: str, overrides: list[str], *, env_manager: str = "local", base
              nproc: int = 1, finetune_overrides: list[str] = ()) -> ChainResult:
     setup_logging()
     configure_tracking()
+    os.environ["ASIB_WORKDIR"] = os.getcwd()  # chained steps work where main was started
     resolved = resolve_experiment(exp, overrides)       # refuse a bad config before any work
     cfg = resolved.cfg
     dataset = cfg["dataset"]["name"]

@@ -13,7 +13,7 @@ Epoch ``e`` (0-based within the stage's ``teacher_adapt_epochs`` epochs), per ba
     e <  W:  L = mean_b CE_ls(syn_b, y_b)                          (synergy-only window)
     e >= W:  L = synergy_ce_alpha * mean_b cw_b CE_ls(syn_b, y_b)
                + beta(stage, e) * mean_b KL(N(mu_b, std_b^2) || N(0, I))   [use_ib, KL epochs]
-               + cccp_alpha * ramp(e) * tau^2 * mean_b KL(softmax(s_b/tau) || softmax(syn_b/tau))
+               + cccp_alpha * ramp * tau^2 * mean_b KL(softmax(s_b/tau) || softmax(syn_b/tau))
                                                                    [use_cccp and use_cccp_in_a]
     always:    + ib_mbm_reg_lambda * mean over IB_MBM/head tensors of mean(p^2)
 
@@ -94,7 +94,7 @@ def a_step_losses(distiller, batch, stage: int, epoch: int):
         stats["a_step/beta"] = beta
         losses["ib_kl"] = beta * kl_raw
     if s.cccp_on:
-        ramp = s.cccp_ramp(epoch)
+        ramp = s.cccp_ramp(stage, epoch)
         cccp_raw = cccp_loss(syn, student_logits, s.tau_a)
         stats["a_step/cccp_raw"] = float(cccp_raw.detach())
         stats["a_step/cccp_ramp"] = ramp
@@ -247,7 +247,7 @@ class AStep:
             self.last_acc = acc
             metrics = {"a_step/syn_acc": acc, "a_step/lr_ib_mbm": opt.param_groups[0]["lr"],
                        "a_step/lr_synergy_head": opt.param_groups[1]["lr"],
-                       "a_step/cccp_on": float(s.cccp_ramp(e) > 0), "a_step/ib_kl_on": float(s.kl_active(e) and s.use_ib),
+                       "a_step/cccp_on": float(s.cccp_ramp(self.stage, e) > 0), "a_step/ib_kl_on": float(s.kl_active(e) and s.use_ib),
                        "a_step/beta_epoch": s.beta(self.stage, e) if s.use_ib else 0.0, "stage": self.stage + 1}
             if e == 0:
                 metrics.update(counts)

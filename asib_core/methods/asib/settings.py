@@ -147,14 +147,17 @@ class ASIBSettings:
         n = stage * self.kl_epochs_per_stage + (epoch - self.window)
         return self.ib_beta * min(1.0, (n + 1) / self.ib_beta_warmup_epochs)
 
-    def cccp_ramp(self, epoch: int) -> float:
-        """CCCP weight factor in A-step epoch ``epoch``: 0 inside the window, then
-        ``min(1, (epoch - window + 1) / teacher_adapt_kd_warmup)`` (1 when that is 0)."""
+    def cccp_ramp(self, stage: int, epoch: int) -> float:
+        """CCCP weight factor in A-step epoch ``epoch`` of stage ``stage``: 0 inside the window,
+        then a linear warm-up over the post-window A-step epochs counted over the whole run,
+        ``min(1, (n + 1) / teacher_adapt_kd_warmup)`` with ``n = stage * (E - W) + epoch - W``
+        (1 when ``teacher_adapt_kd_warmup`` is 0)."""
         if not self.cccp_on or epoch < self.window:
             return 0.0
         if self.cccp_warmup <= 0:
             return 1.0
-        return min(1.0, (epoch - self.window + 1) / self.cccp_warmup)
+        n = stage * (self.adapt_epochs - self.window) + (epoch - self.window)
+        return min(1.0, (n + 1) / self.cccp_warmup)
 
     def ens_alpha(self, epoch_in_stage: int, stage_epochs: int) -> float:
         """Ensemble share of the synergy target in B-step epoch ``epoch_in_stage`` of a
