@@ -87,7 +87,8 @@ def trained_teacher_states(cache_dir: Path, per_class: int = 16, epochs: int = 6
     out = {}
     data = None
     for i, name in enumerate(TEACHERS):
-        path = cache_dir / f"{name}-pc{per_class}-ep{epochs}-vs{VAL_SPLIT}-s{TEACHER_SEED + i}-torch{torch.__version__}.pt"
+        stem = f"{name}-pc{per_class}-ep{epochs}-vs{VAL_SPLIT}-s{TEACHER_SEED + i}"
+        path = cache_dir / f"{stem}-torch{torch.__version__}.pt"
         if path.exists():
             out[name] = torch.load(path, map_location="cpu", weights_only=True)
             continue

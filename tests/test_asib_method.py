@@ -121,6 +121,19 @@ def test_settings_refuse_keys_that_cannot_do_what_they_say(changes, needle):
         ASIBSettings.from_cfg(cfg)
 
 
+@pytest.mark.parametrize("changes, needle", [
+    ({"teacher_weights": [1.0, 1.0, 1.0]}, "teacher_weights"),
+    ({"teacher_weights": [-1.0, 2.0]}, "teacher_weights"),
+    ({"feat_kd_key": "feat_2d"}, "widths must agree"),          # resnet8 feat_2d is 64 wide, mu 32
+    ({"kd_target": "teacher", "kd_teacher_index": 2}, "kd_teacher_index"),
+])
+def test_distiller_refuses_inconsistent_keys_at_build(tmp_path, changes, needle):
+    cfg = asib_cfg("L1_ib")
+    cfg.update(changes)
+    with pytest.raises(ConfigError, match=needle):
+        make_run(cfg, tiny_data(cfg, per_class=2), None, tmp_path)
+
+
 # -- IB KL and CCCP in the A-step ---------------------------------------------------------
 def test_ib_kl_term_matches_the_closed_form_gaussian_kl(tmp_path):
     cfg = asib_cfg("L1_ib", ["experiment.ib_beta=0.1"])
@@ -335,7 +348,8 @@ def test_gate_switches_the_kd_target_when_validation_synergy_accuracy_crosses_th
     finally:
         d.settings = settings
     kd_auto, ratio = _hand_kd(d, batch, 4.0, a, gate_open=True, auto=True)
-    assert stats["kd/syn_ratio"] == pytest.approx(ratio) and float(losses["kd"].detach()) == pytest.approx(0.35 * kd_auto, rel=1e-4)
+    assert stats["kd/syn_ratio"] == pytest.approx(ratio)
+    assert float(losses["kd"].detach()) == pytest.approx(0.35 * kd_auto, rel=1e-4)
 
 
 def test_without_an_a_step_the_untrained_synergy_never_opens_the_gate(tmp_path):
@@ -375,3 +389,26 @@ def test_overlap_sampling_drops_teachers_that_never_saw_the_label():
     assert teacher_mask(subsets, mixed, 2).tolist() == [[True, True], [True, True], [False, True]]
     no_mask, _ = ensemble_target("avg", cfg, logits, 2.0, None)
     assert not torch.allclose(no_mask[0], avg[0]) and not math.isnan(float(no_mask.sum()))
+
+
+def test_a_step_and_b_step_losses_stay_float32_under_bfloat16_autocast(tmp_path):
+    """The CUDA runs use bf16 autocast; CPU autocast exercises the same dtype paths."""
+    cfg = asib_cfg("L4_full", ["experiment.teacher_adapt_epochs=2", "experiment.dataset.batch_size=16"])
+    run, d = make_run(cfg, tiny_data(cfg, per_class=2, val_split=0.02), None, tmp_path)
+    batch = _first_batch(run, mixed=True)
+    d.student.eval()
+    d.ib_mbm.train()
+    d.synergy_head.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, a_losses = a_step_losses(d, batch, stage=0, epoch=1)
+    d.gate.syn_acc, d.gate.trained = 0.9, True
+    d.train()
+    ctx = TrainContext(epoch=5, stage=0, epoch_in_stage=0, total_epochs=1, tau=4.0, kd_ramp=1.0,
+                       device=torch.device("cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, b_losses = d.forward_train(batch, ctx)
+    assert set(a_losses) == {"syn_ce", "ib_kl", "cccp"} and set(b_losses) == {"ce", "kd", "feat_kd"}
+    for value in [*a_losses.values(), *b_losses.values()]:
+        assert value.dtype == torch.float32 and torch.isfinite(value.detach())
+    sum(b_losses.values()).backward()
+    assert d.student.layer1[0].conv1.weight.grad is not None

@@ -200,6 +200,8 @@ def test_build_data_digits_splits_and_loaders():
     assert ranked.rank == 1 and ranked.channels_last
     again = D.build_data(cfg, "cpu")
     np.testing.assert_array_equal(again.val.images, data.val.images)  # same seed, same split
+    data.val = D.filter_classes(data.val, [1, 2])  # a replaced split is uploaded again
+    assert set(torch.cat([y for _, y, _ in data.loader("val")]).tolist()) == {1, 2}
 
 
 def test_build_data_options():

@@ -62,12 +62,18 @@ class DataBundle:
         return getattr(self, name)
 
     def device_arrays(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(images NCHW uint8, labels int64)`` of a split on the device, uploaded once."""
-        if name not in self._device_arrays:
-            ds = self.split(name)
+        """``(images NCHW uint8, labels int64)`` of a split on the device, uploaded once.
+
+        The copy is tied to the split's dataset object: assigning a new dataset to
+        ``bundle.train`` (e.g. ``filter_classes(bundle.train, ...)``) uploads the new one.
+        """
+        ds = self.split(name)
+        cached = self._device_arrays.get(name)
+        if cached is None or cached[0] is not ds:
             loader = DeviceBatchLoader(ds, 1, train=False, augment=False, device=self.device)
-            self._device_arrays[name] = (loader.images, loader.labels)
-        return self._device_arrays[name]
+            cached = (ds, loader.images, loader.labels)
+            self._device_arrays[name] = cached
+        return cached[1], cached[2]
 
     def loader(
         self,

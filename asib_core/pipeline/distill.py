@@ -109,9 +109,11 @@ def deploy_payload(distiller, cfg: dict, data, sha: str) -> dict:
 
 def run_distill(exp: str, overrides: list[str], *, parent_run_id: str | None = None,
                 inject_nonfinite: tuple[int, int] | None = None, on_epoch_end=None,
-                extra_tags: dict | None = None) -> StepResult:
+                extra_tags: dict | None = None, state_root: str | Path | None = None) -> StepResult:
     """Run (or resume) one distillation. ``on_epoch_end(epoch, metrics)`` is called after
-    every student epoch (an Optuna pruner raises there); ``extra_tags`` go on the run."""
+    every student epoch (an Optuna pruner raises there); ``extra_tags`` go on the run;
+    ``state_root`` replaces ``checkpoint_dir`` as the folder of the resumable state (a sweep
+    gives every trial its own, so two trials with equal configs never share or resume one)."""
     setup_logging()
     dist = init_distributed()
     resolved: ResolvedConfig = resolve_experiment(exp, overrides)
@@ -125,7 +127,7 @@ def run_distill(exp: str, overrides: list[str], *, parent_run_id: str | None = N
     method_cls = get_method(cfg["method_name"])
     sources = resolve_teachers(cfg) if method_cls.needs_teachers else []
     identity = run_identity(cfg, [s.path for s in sources])
-    state_dir = Path(cfg.get("checkpoint_dir") or "checkpoints/runs") / f"distill-{identity[:20]}"
+    state_dir = Path(state_root or cfg.get("checkpoint_dir") or "checkpoints/runs") / f"distill-{identity[:20]}"
     resume_id = resume_target(state_dir) if dist.is_main else None
     resume_id = dist.broadcast_object(resume_id)
     tags = run_tags(cfg, "distill", lock.sha256, teachers="+".join(teacher_names(cfg)) if sources else "none",

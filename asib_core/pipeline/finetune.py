@@ -39,7 +39,6 @@ from .models import save_teacher, to_device
 from .teachers import TEACHER_ARTIFACT_DIR
 
 log = logging.getLogger("asib.finetune")
-DEFAULT_ROOT = "./data"
 
 
 def recipe_name(teacher: str, dataset: str) -> str:
@@ -64,26 +63,29 @@ def finetune_config(teacher: str, dataset: str, overrides: list[str]) -> dict:
     cfg.setdefault("teacher_pretrained_file", None)
     cfg.setdefault("eval_batch_size", defaults["eval_batch_size"])
     cfg.setdefault("checkpoint_dir", defaults["checkpoint_dir"])
-    _reconcile_aliases(cfg)
-    cfg["dataset"]["batch_size"] = int(cfg["batch_size"])
     cfg["recipe"] = name
+    _reconcile_aliases(cfg, {o.split("=", 1)[0].lstrip("+~") for o in overrides})
+    cfg["dataset"]["batch_size"] = int(cfg["batch_size"])
     check_against_reference(cfg, section="finetune")
     return cfg
 
 
-def _reconcile_aliases(cfg: dict) -> None:
-    """``data_root``/``dataset_name`` are the recipe's aliases of ``dataset.root``/``.name``."""
+def _reconcile_aliases(cfg: dict, overridden: set[str]) -> None:
+    """``data_root``/``dataset_name`` are the recipe's aliases of ``dataset.root``/``.name``.
+
+    An override of either spelling sets both; a recipe whose two spellings disagree (and
+    no override says which is meant) is refused.
+    """
     ds = cfg["dataset"]
-    for alias, key, default in (("data_root", "root", DEFAULT_ROOT), ("dataset_name", "name", None)):
-        value = cfg.get(alias)
-        if value is None:
-            cfg[alias] = ds.get(key)
-        elif ds.get(key) in (None, default) or ds.get(key) == value:
-            ds[key] = value
-        elif value != default and value != ds.get(key):
+    for alias, key in (("data_root", "root"), ("dataset_name", "name")):
+        if f"dataset.{key}" in overridden:
+            cfg[alias] = ds[key]
+        elif alias in overridden or ds.get(key) is None:
+            ds[key] = cfg[alias]
+        elif cfg.get(alias) is not None and cfg[alias] != ds[key]:
             raise ConfigError(
-                f"{alias}={value!r} disagrees with dataset.{key}={ds.get(key)!r}; set one of them "
-                f"(they are the same setting)."
+                f"{alias}={cfg[alias]!r} disagrees with dataset.{key}={ds[key]!r} in recipe "
+                f"{cfg.get('recipe')}; they are the same setting: make them equal or override one."
             )
         cfg[alias] = ds[key]
 

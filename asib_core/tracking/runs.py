@@ -1,14 +1,16 @@
 """Run lifecycle: open (or resume) a run, and end it FINISHED, FAILED or KILLED.
 
 A run that fails for any reason ends FAILED with the error as the tag
-``asib.error`` - never RUNNING. Runs started by ``mlflow run`` are attached through
-``MLFLOW_RUN_ID`` (they live in the experiment ``mlflow run`` chose); runs started
+``asib.error`` - never RUNNING; a run stopped by an Optuna pruner (``optuna.TrialPruned``,
+sweeps) ends KILLED with the reason as the tag ``asib.pruned``. Runs started by ``mlflow run``
+are attached through ``MLFLOW_RUN_ID`` (they live in the experiment ``mlflow run`` chose); runs started
 directly go to one experiment per dataset (``MLFLOW_EXPERIMENT_NAME`` overrides).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import traceback
 from dataclasses import dataclass
 
@@ -18,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from .store import artifact_root
 
 ERROR_TAG = "asib.error"
+PRUNED_TAG = "asib.pruned"
 MAX_TAG = 5000
 
 
@@ -91,6 +94,10 @@ def open_run(*, experiment: str, run_name: str, tags: dict, resume_run_id: str |
         mlflow.end_run(status="KILLED")
         raise
     except BaseException as exc:  # noqa: BLE001 - every failure must end the run FAILED
+        if _is_trial_pruned(exc):  # stopped on purpose by an Optuna pruner (sweeps): KILLED
+            client.set_tag(handle.run_id, PRUNED_TAG, (str(exc) or "pruned")[:MAX_TAG])
+            mlflow.end_run(status="KILLED")
+            raise
         message = f"{type(exc).__name__}: {exc}"
         client.set_tag(handle.run_id, ERROR_TAG, message[:MAX_TAG])
         with contextlib.suppress(Exception):
@@ -99,6 +106,12 @@ def open_run(*, experiment: str, run_name: str, tags: dict, resume_run_id: str |
         raise
     else:
         mlflow.end_run(status="FINISHED")
+
+
+def _is_trial_pruned(exc: BaseException) -> bool:
+    """optuna.TrialPruned (looked up only if optuna is already imported: nothing else raises it)."""
+    optuna = sys.modules.get("optuna")
+    return optuna is not None and isinstance(exc, optuna.TrialPruned)
 
 
 def search_finished(filter_string: str, experiment_ids: list[str] | None = None,

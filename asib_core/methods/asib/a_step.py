@@ -247,8 +247,8 @@ class AStep:
             self.last_acc = acc
             metrics = {"a_step/syn_acc": acc, "a_step/lr_ib_mbm": opt.param_groups[0]["lr"],
                        "a_step/lr_synergy_head": opt.param_groups[1]["lr"],
-                       "a_step/cccp_on": float(s.cccp_ramp(self.stage, e) > 0), "a_step/ib_kl_on": float(s.kl_active(e) and s.use_ib),
-                       "a_step/beta_epoch": s.beta(self.stage, e) if s.use_ib else 0.0, "stage": self.stage + 1}
+                       "a_step/cccp_on": float(s.cccp_ramp(self.stage, e) > 0),
+                       "a_step/ib_kl_on": float(s.use_ib and s.kl_active(e)), "stage": self.stage + 1}
             if e == 0:
                 metrics.update(counts)
             if e == epochs - 1:

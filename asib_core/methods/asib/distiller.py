@@ -41,6 +41,7 @@ from asib_core.config.finalize import finalize_with_runtime
 from asib_core.losses import certainty_weights, feature_kd_loss
 
 from ..base import Batch, Distiller, TrainContext
+from ..targets import selected_teacher
 from ..registry import register_method
 from . import ppf
 from .a_step import AStep, synergy_accuracy
@@ -71,6 +72,7 @@ class ASIB(Distiller):
         if not teachers:
             raise ConfigError("the ASIB method needs at least one teacher (teacher1, teacher2).")
         s = self.settings = ASIBSettings.from_cfg(cfg)
+        self._check_teacher_keys(cfg)
         self.stage_epochs = [int(e) for e in cfg.get("student_epochs_per_stage") or [1]]
         self.num_classes = int(student.num_classes)
         self.gate = GateState(threshold=s.gate_threshold)
@@ -85,6 +87,17 @@ class ASIB(Distiller):
         self._warn_about_config()
 
     # -- construction ------------------------------------------------------------
+    def _check_teacher_keys(self, cfg: dict) -> None:
+        weights = cfg.get("teacher_weights")
+        if weights is not None:
+            if len(weights) != len(self.teachers) or any(float(w) < 0 for w in weights) \
+                    or not sum(float(w) for w in weights) > 0:
+                raise ConfigError(
+                    f"teacher_weights={list(weights)} must hold one non-negative weight per teacher "
+                    f"({len(self.teachers)}) with a positive sum, or be null (equal weights).")
+        if self.settings.kd_target == "teacher":
+            selected_teacher(cfg, len(self.teachers))
+
     def _build_ib(self, cfg: dict) -> None:
         s = self.settings
         q_dim = _feature_width(self.student, s.feat_kd_key, "student")

@@ -1,0 +1,322 @@
+"""One sweep worker: open (or resume) the study, run trials until the study holds ``n_trials``,
+then report on the parent run.
+
+Every trial is one in-process distillation (``run_distill``) nested under this worker's parent
+run. The objective is the best validation accuracy of the distilled student
+(``val/best_acc``); the validation accuracy of every epoch is reported to the pruner. The test
+split is never looked at by the search.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import shutil
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from asib_core.config import ConfigError, resolve_experiment
+from asib_core.tracking import configure_tracking, experiment_for, open_run
+
+from . import study as st
+from .report import BestTrial, report, state_counts
+from .space import SearchSpace, load_space
+from .storage import open_storage
+
+log = logging.getLogger("asib.sweep")
+OBJECTIVE = "val/best_acc"
+
+
+@dataclass
+class SweepSettings:
+    exp: str = "quickstart"
+    space: str = "default"
+    n_trials: int = 20
+    study_name: str = ""
+    storage: str = ""
+    sampler_seed: int = 0
+    pruner: str = "median"
+    overrides: list = field(default_factory=list)
+    worker: int = 0
+    out_dir: str = ""          # where best_overrides.txt goes (default experiments/sweeps/<study>)
+
+
+@dataclass
+class TrialOutcome:
+    number: int
+    state: str                 # COMPLETE, PRUNED or FAIL
+    value: float | None
+    run_id: str | None
+    error: str | None = None
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    study_name: str
+    storage: str
+    device: str
+    outcomes: list = field(default_factory=list)
+    best: BestTrial | None = None
+    best_file: Path | None = None
+    counts: dict = field(default_factory=dict)
+
+
+def default_study_name(exp: str, space: SearchSpace) -> str:
+    return f"{exp}-{space.name}"
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "study"
+
+
+def override_key(item: str) -> str:
+    return item.split("=", 1)[0].lstrip("+~")
+
+
+def check_overrides(space: SearchSpace, overrides: list) -> None:
+    searched = set(space.keys)
+    clash = [o for o in overrides if override_key(o) in searched]
+    if clash:
+        raise ConfigError(f"the overrides {clash} set keys the search space '{space.name}' searches "
+                          f"({sorted(searched)}); drop them or remove the parameter from the space.")
+
+
+def worker_device(cfg: dict, overrides: list, worker: int) -> tuple[list[str], str]:
+    """``experiment.device=cuda:N`` for worker N (mod the GPU count) when several GPUs are visible."""
+    import torch
+
+    requested = str(cfg.get("device") or "auto").lower()
+    if any(override_key(o) == "experiment.device" for o in overrides):
+        return [], f"{requested} (set by the overrides)"
+    if not torch.cuda.is_available():
+        return [], "cpu (no CUDA device visible)"
+    if requested == "cpu":
+        return [], "cpu (the experiment sets device=cpu)"
+    count = torch.cuda.device_count()
+    if count > 1 and not requested.startswith("cuda:"):
+        index = worker % count
+        return [f"experiment.device=cuda:{index}"], f"cuda:{index} of {count} ({torch.cuda.get_device_name(index)})"
+    index = int(requested.split(":")[1]) if requested.startswith("cuda:") else 0
+    return [], f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+
+
+@contextlib.contextmanager
+def trial_environment(experiment_name: str):
+    """Trials nest under the parent: same MLflow experiment, and not attached to the run that
+    ``mlflow run`` created for the parent (``MLFLOW_RUN_ID``)."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME")}
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = experiment_name
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def preflight(settings: SweepSettings, space: SearchSpace):
+    """Refuse a sweep that cannot work before any trial: bad overrides, a space whose keys the
+    experiment does not accept, missing teachers."""
+    from asib_core.methods import get_method
+    from asib_core.pipeline.teachers import resolve_teachers
+
+    check_overrides(space, settings.overrides)
+    base = resolve_experiment(settings.exp, settings.overrides)
+    try:
+        resolve_experiment(settings.exp, list(settings.overrides) + space.probe_overrides())
+    except ConfigError as exc:
+        raise ConfigError(f"the search space '{space.name}' does not fit experiment '{settings.exp}' "
+                          f"(checked with {space.probe_overrides()}): {exc}") from None
+    if get_method(base.cfg["method_name"]).needs_teachers:
+        resolve_teachers(base.cfg)
+    return base
+
+
+def run_sweep(settings: SweepSettings) -> SweepResult:
+    from asib_core.pipeline.common import run_tags, setup_logging
+
+    setup_logging()
+    configure_tracking()
+    if int(settings.n_trials) < 1:
+        raise ConfigError(f"n_trials must be at least 1, got {settings.n_trials}.")
+    space = load_space(settings.space)
+    base = preflight(settings, space)
+    cfg = base.cfg
+    name = settings.study_name or default_study_name(settings.exp, space)
+    store = open_storage(settings.storage)
+    pruner = st.build_pruner(settings.pruner, space, sum(int(e) for e in cfg["student_epochs_per_stage"]))
+    signature = st.Signature(exp=settings.exp, overrides=list(settings.overrides), params=space.param_names)
+    study = st.open_study(store, name, signature, sampler=None, pruner=pruner)
+    seed = st.sampler_seed(settings.sampler_seed, settings.worker, st.count_trials(study))
+    study.sampler = st.build_sampler(space, seed)
+    device_overrides, device = worker_device(cfg, settings.overrides, settings.worker)
+    log.info("sweep worker %d: study '%s' in %s, %d/%d trials so far; trials run on %s",
+             settings.worker, name, store.description, st.count_trials(study), settings.n_trials, device)
+    tags = run_tags(cfg, "sweep", base.sha256, **{
+        "optuna.study_name": name, "optuna.storage": store.description, "sweep.space": space.name,
+        "sweep.worker": str(settings.worker), "sweep.device": device})
+    title = f"sweep {name}" + (f" worker {settings.worker}" if settings.worker else "")
+    out_dir = Path(settings.out_dir or Path("experiments") / "sweeps" / safe_name(name))
+    result = SweepResult(parent_run_id="", study_name=name, storage=store.description, device=device)
+    with open_run(experiment=experiment_for(cfg["dataset"]["name"]), run_name=title, tags=tags) as parent:
+        result.parent_run_id = parent.run_id
+        mlflow.log_params({"exp": settings.exp, "space": space.name, "n_trials": int(settings.n_trials),
+                           "study_name": name, "storage": store.description, "pruner": settings.pruner,
+                           "sampler": space.sampler["name"], "sampler_seed": int(settings.sampler_seed),
+                           "overrides": " ".join(settings.overrides)[:6000], "worker": int(settings.worker)},
+                          run_id=parent.run_id)
+        experiment_name = MlflowClient().get_experiment(parent.experiment_id).name
+        state_root = Path(cfg.get("checkpoint_dir") or "checkpoints/runs") / f"sweep-{safe_name(name)}"
+        trials = TrialRunner(settings, space, study, parent.run_id, device_overrides, name, state_root)
+        identity = st.worker_identity()
+        with trial_environment(experiment_name):
+            while True:
+                trial = st.ask_next(study, store, int(settings.n_trials), identity)
+                if trial is None:
+                    break
+                result.outcomes.append(trials.run(trial))
+        result.best, result.best_file = report(study, parent.run_id, space, settings.exp,
+                                               list(settings.overrides), out_dir)
+        result.counts = state_counts(study)
+    log.info("sweep worker %d done: this worker ran %d trials; study '%s' now %s", settings.worker,
+             len(result.outcomes), name, result.counts)
+    return result
+
+
+class TrialRunner:
+    """Runs one trial as a nested distillation run and records its end on both sides."""
+
+    def __init__(self, settings: SweepSettings, space: SearchSpace, study, parent_run_id: str,
+                 device_overrides: list, study_name: str, state_root: Path):
+        self.settings = settings
+        self.space = space
+        self.study = study
+        self.parent_run_id = parent_run_id
+        self.device_overrides = device_overrides
+        self.study_name = study_name
+        self.state_root = state_root      # each trial's resumable state: a folder of its own
+
+    def run(self, trial) -> TrialOutcome:
+        import optuna
+        from optuna.trial import TrialState
+
+        from asib_core.pipeline.distill import run_distill
+
+        uid = uuid.uuid4().hex
+        number = trial.number
+        tags = {"optuna.study_name": self.study_name, "optuna.trial_number": str(number),
+                "sweep.trial_uid": uid, "sweep.worker": str(self.settings.worker),
+                "mlflow.runName": f"{self.study_name} trial {number}"}
+        seen: dict = {}
+        values: dict = {}
+        overrides: list = []
+        state, value, run_id, error = "FAIL", None, None, None
+
+        def on_epoch_end(epoch: int, metrics: dict) -> None:
+            active = mlflow.active_run()
+            if active is not None:
+                seen["run_id"] = active.info.run_id
+            acc = metrics.get("val/acc")
+            if acc is None or not math.isfinite(float(acc)):
+                return
+            trial.report(float(acc), step=int(epoch))
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned by the {self.settings.pruner} pruner after epoch {epoch} "
+                                         f"(val/acc {float(acc):.4f})")
+
+        state_dir = self.state_root / f"trial-{number}-{uid[:8]}"
+        try:
+            values = self.space.suggest(trial)
+            overrides = list(self.settings.overrides) + self.space.overrides(values) + self.device_overrides
+            log.info("trial %d of study '%s': %s", number, self.study_name, " ".join(self.space.overrides(values)))
+            result = run_distill(self.settings.exp, overrides, parent_run_id=self.parent_run_id,
+                                 on_epoch_end=on_epoch_end, extra_tags=tags, state_root=state_dir)
+            run_id = result.run_id
+            value = result.metrics.get(OBJECTIVE)
+            if value is None or not math.isfinite(float(value)):
+                error = f"{OBJECTIVE} is not a finite number ({value}): is the validation split empty?"
+            else:
+                state, value = "COMPLETE", float(value)
+        except optuna.TrialPruned as exc:
+            state, error = "PRUNED", str(exc)
+        except KeyboardInterrupt:
+            trial.set_user_attr(st.INTERRUPTED_ATTR, "interrupted (KeyboardInterrupt)")
+            self._record(trial, uid, "FAIL", values, overrides, seen.get("run_id"), "interrupted (KeyboardInterrupt)")
+            self.study.tell(trial, state=TrialState.FAIL)
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failing trial is recorded; the sweep goes on
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("trial %d failed: %s\n%s", number, error, traceback.format_exc())
+        finally:
+            shutil.rmtree(state_dir, ignore_errors=True)
+            _free_gpu_memory()
+        run_id = self._record(trial, uid, state, values, overrides, run_id or seen.get("run_id"), error)
+        if state == "COMPLETE":
+            self.study.tell(trial, value)
+        else:
+            self.study.tell(trial, state=TrialState[state])
+        log.info("trial %d: %s%s", number, state, f" {OBJECTIVE}={value:.4f}" if state == "COMPLETE" else f" ({error})")
+        return TrialOutcome(number=number, state=state, value=value if state == "COMPLETE" else None,
+                            run_id=run_id, error=error)
+
+    def _record(self, trial, uid: str, state: str, values: dict, overrides: list, run_id: str | None,
+                error: str | None) -> str:
+        """Trial params, state and config hash on the trial's MLflow run (made here, FAILED, when
+        the trial failed before its distillation run started)."""
+        from mlflow.entities import Param
+
+        client = MlflowClient()
+        run_id = run_id or self._find_run(uid)
+        if run_id is None:
+            run_id = self._failed_run(trial.number, uid, error)
+        tags = client.get_run(run_id).data.tags
+        sha = tags.get("config_sha256")
+        if not sha and overrides:
+            with contextlib.suppress(Exception):
+                sha = resolve_experiment(self.settings.exp, overrides).sha256
+        existing = client.get_run(run_id).data.params
+        params = [Param(f"trial.{k}", str(v)) for k, v in values.items() if f"trial.{k}" not in existing]
+        if params:
+            client.log_batch(run_id, params=params)
+        client.set_tag(run_id, "optuna.state", state)
+        if sha:
+            client.set_tag(run_id, "config_sha256", sha)
+            trial.set_user_attr("config_sha256", sha)
+        if error and state != "COMPLETE":
+            client.set_tag(run_id, "optuna.reason", error[:5000])
+        trial.set_user_attr("mlflow_run_id", run_id)
+        return run_id
+
+    def _find_run(self, uid: str) -> str | None:
+        client = MlflowClient()
+        ids = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(ids, f"tags.`sweep.trial_uid` = '{uid}'", max_results=1) if ids else []
+        return runs[0].info.run_id if runs else None
+
+    def _failed_run(self, number: int, uid: str, error: str | None) -> str:
+        client = MlflowClient()
+        parent = client.get_run(self.parent_run_id)
+        tags = {"mlflow.parentRunId": self.parent_run_id, "optuna.study_name": self.study_name,
+                "optuna.trial_number": str(number), "sweep.trial_uid": uid, "step": "distill",
+                "exp": self.settings.exp, "sweep.worker": str(self.settings.worker),
+                "asib.error": (error or "failed before the run started")[:5000]}
+        run = client.create_run(parent.info.experiment_id, run_name=f"{self.study_name} trial {number}", tags=tags)
+        client.set_terminated(run.info.run_id, "FAILED")
+        return run.info.run_id
+
+
+def _free_gpu_memory() -> None:
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
