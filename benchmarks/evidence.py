@@ -1,7 +1,8 @@
 """Accuracy evidence on the real CIFAR-10 JPEGs of ../shared/data, through the pipeline.
 
-Every run sits in the MLflow store of the work directory (default ``evidence/<what>/``,
-git-ignored): ``mlflow ui --backend-store-uri sqlite:///evidence/<what>/mlflow.db``.
+Every run sits in the MLflow store of the work directory (default ``evidence/``,
+git-ignored): ``mlflow ui --backend-store-uri sqlite:///evidence/mlflow.db``. The teachers
+are fine-tuned once in that store and found there by every later run.
 
     python benchmarks/evidence.py baselines [--epochs 15] [--per-class 500]
     python benchmarks/evidence.py ladder    [--seeds 0 1 2] [--stages 2] [--epochs 6]
@@ -67,7 +68,7 @@ def distill(exp: str, overrides: list[str]) -> dict:
 
 def baselines(args) -> None:
     root = extracted_root()
-    enter(Path(args.work or "evidence/baselines").resolve())
+    enter(Path(args.work or "evidence").resolve())
     teachers(root, ["resnet20"], args.teacher_per_class, args.teacher_epochs)
     common = [*data_overrides(root, args.per_class), "teacher1=resnet20", "teacher2=resnet20", "student=resnet8",
               "experiment.kd_target=teacher", f"experiment.student_epochs_per_stage=[{args.epochs}]",
@@ -88,7 +89,7 @@ def baselines(args) -> None:
 
 def ladder(args) -> None:
     root = extracted_root()
-    enter(Path(args.work or "evidence/ladder").resolve())
+    enter(Path(args.work or "evidence").resolve())
     teachers(root, ["resnet20", "wrn_16_2"], args.teacher_per_class, args.teacher_epochs)
     stages = args.stages
     common = [*data_overrides(root, args.per_class), "teacher1=resnet20", "teacher2=wrn_16_2", "student=resnet8",

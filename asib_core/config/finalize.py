@@ -98,6 +98,15 @@ def _derive_teacher_optim(cfg: dict) -> None:
         cfg["teacher_weight_decay"] = cfg["a_step_weight_decay"]
 
 
+def _check_small_input(cfg: dict) -> None:
+    top, ds = cfg.get("small_input"), cfg.get("dataset", {}).get("small_input")
+    if top is not None and ds is not None and bool(top) != bool(ds):
+        raise ConfigError(
+            f"small_input={top} but dataset.small_input={ds}: the model stems and the dataset's "
+            "image size disagree; set both to the same value."
+        )
+
+
 def _check_cccp(cfg: dict) -> None:
     for key in ("cccp_nt", "cccp_ns"):
         if int(cfg.get(key, 1)) != 1:
@@ -114,6 +123,7 @@ def finalize_config(cfg: dict) -> dict:
     dataset = cfg.setdefault("dataset", {})
     if cfg.get("num_classes") is None:
         cfg["num_classes"] = KNOWN_NUM_CLASSES.get(dataset.get("name"))
+    _check_small_input(cfg)
     _derive_schedule(cfg)
     _derive_freeze(cfg)
     _derive_dims(cfg)

@@ -23,6 +23,8 @@ DATASET_KEY_DEFAULTS: dict[str, Any] = {
     "batch_size": 128,
     "train_per_class": None,
     "split_seed": None,  # None: the run's top-level ``seed``
+    "pin_memory": False,
+    "backend": "native",
 }
 
 
@@ -54,6 +56,7 @@ class DataBundle:
     data_aug: bool
     seed: int
     root: str = ""
+    pin_memory: bool = False
     _device_arrays: dict = field(default_factory=dict, repr=False)
 
     def split(self, name: str) -> ArrayDataset:
@@ -70,7 +73,12 @@ class DataBundle:
         ds = self.split(name)
         cached = self._device_arrays.get(name)
         if cached is None or cached[0] is not ds:
-            loader = DeviceBatchLoader(ds, 1, train=False, augment=False, device=self.device)
+            source = (ds.images, ds.labels)
+            if self.pin_memory and self.device.type == "cuda":  # page-locked staging for the upload
+                source = (torch.from_numpy(ds.images).permute(0, 3, 1, 2).contiguous().pin_memory(),
+                          torch.from_numpy(ds.labels).pin_memory())
+            loader = DeviceBatchLoader(source, 1, train=False, augment=False, device=self.device,
+                                       mean=self.mean, std=self.std)
             cached = (ds, loader.images, loader.labels)
             self._device_arrays[name] = cached
         return cached[1], cached[2]
@@ -151,6 +159,10 @@ def build_data(cfg: Mapping, device: torch.device | str = "cpu") -> DataBundle:
     seed = int(cfg.get("seed", 0) or 0)
     split_seed = seed if d["split_seed"] is None else int(d["split_seed"])
     name, root = str(d["name"]).lower(), d["root"]
+    if d["backend"] not in ("native", "torchvision"):
+        raise ValueError(f"dataset.backend={d['backend']!r}: use native or torchvision")
+    if d["backend"] == "torchvision" and name in ("cifar10", "cifar100"):
+        open_with_torchvision(name, root, download=_truthy(d["download"]))
     full_train = load_split(name, root, "train", download=_truthy(d["download"]))
     test = load_split(name, root, "test", download=_truthy(d["download"]))
 
@@ -175,4 +187,21 @@ def build_data(cfg: Mapping, device: torch.device | str = "cpu") -> DataBundle:
         data_aug=_truthy(d["data_aug"]),
         seed=seed,
         root=str(resolve_root(root)),
+        pin_memory=_truthy(d["pin_memory"]),
     )
+
+
+def open_with_torchvision(name: str, root, download: bool) -> None:
+    """``dataset.backend: torchvision``: let torchvision's CIFAR class open (and integrity-check,
+    or download) the official files; the arrays are then read by our reader of the same files."""
+    import torchvision.datasets as tvd
+
+    cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
+    folder = resolve_root(root)
+    try:
+        for train in (True, False):
+            cls(str(folder), train=train, download=download)
+    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
+        from .dataset import DatasetNotFoundError
+        raise DatasetNotFoundError(name, [folder], f"torchvision could not open it ({exc}). Set "
+                                   "dataset.download=true on a machine with internet access.") from None

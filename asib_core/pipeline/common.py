@@ -63,6 +63,13 @@ def run_tags(cfg: dict, step: str, sha: str, **extra) -> dict:
     return {k: v for k, v in tags.items() if v is not None}
 
 
+def run_time_metrics(history: list[dict]) -> dict:
+    """Throughput and training time of a finished fit, under the names every step logs."""
+    rates = [h["img_per_s"] for h in history if h.get("img_per_s") is not None]
+    return {"train/img_per_s_mean": sum(rates) / len(rates) if rates else float("nan"),
+            "total_train_time_sec": sum(h.get("epoch_time", 0.0) for h in history)}
+
+
 def resume_target(state_dir: Path) -> str | None:
     """The unfinished run a checkpoint directory belongs to (None: start fresh).
 

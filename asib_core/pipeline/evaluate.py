@@ -31,6 +31,7 @@ from asib_core.errors import MissingArtifactError  # noqa: E402
 from asib_core.methods import build_distiller  # noqa: E402
 from asib_core.models import count_parameters  # noqa: E402
 from asib_core.tracking import configure_tracking, open_run  # noqa: E402
+from asib_core.tracking.params import log_config_params  # noqa: E402
 
 from .common import run_tags, setup_logging  # noqa: E402
 from .distill import STUDENT_ARTIFACT, StepResult  # noqa: E402
@@ -200,10 +201,13 @@ def run_evaluate(run_id: str, *, parent_run_id: str | None = None) -> StepResult
                     source.data.tags.get("config_sha256", ""), source_run=run_id,
                     teachers=source.data.tags.get("teachers", ""), student=source.data.tags.get("student", ""))
     tags["method"] = source.data.tags.get("method", "")
+    if source.data.tags.get("teacher"):
+        tags["teacher"] = source.data.tags["teacher"]
     tags["asib.identity"] = f"evaluate-{run_id}"
     experiment = MlflowClient().get_experiment(source.info.experiment_id).name
     with open_run(experiment=experiment, run_name=f"evaluate {source.info.run_name}", tags=tags,
                   nested=parent_run_id is not None, parent_run_id=parent_run_id) as run:
+        log_config_params(run.run_id, cfg)  # the source's params: evaluate runs compare like it
         run.log_metrics(metrics, step=0)
         client = MlflowClient()
         client.log_text(run.run_id, per_class_table(logits, labels, data.class_names).to_csv(index=False),

@@ -33,7 +33,7 @@ from asib_core.tracking import configure_tracking, experiment_for, open_run
 from asib_core.tracking.params import log_config_params
 from asib_core.tracking.plots import log_curves
 
-from .common import resume_target, run_tags, seed_everything, setup_logging
+from .common import resume_target, run_tags, run_time_metrics, seed_everything, setup_logging
 from .distill import StepResult
 from .models import save_teacher, to_device
 from .teachers import TEACHER_ARTIFACT_DIR
@@ -138,8 +138,11 @@ def run_finetune(teacher: str, dataset: str, overrides: list[str], *, parent_run
         data.val = filter_classes(data.val, classes)
         data.test = filter_classes(data.test, classes)
     identity = identity_hash(cfg)
+    # the same tag keys as distill runs (a fine-tune learns from labels alone: no teachers, and
+    # no student: the network trained is the teacher named by the tag `teacher`)
     tags = run_tags({**cfg, "exp": cfg["recipe"], "method_name": "ce"}, "finetune", lock.sha256,
-                    teacher=teacher, class_subset=subset_tag, **{"asib.identity": identity})
+                    teachers="none", student="none", teacher=teacher, class_subset=subset_tag,
+                    **{"asib.identity": identity})
     state_dir = Path(cfg["checkpoint_dir"]) / f"finetune-{identity[:20]}"
     with open_run(experiment=experiment_for(data.name), run_name=f"finetune {teacher} on {dataset} ({subset_tag})",
                   tags=tags, resume_run_id=resume_target(state_dir), nested=parent_run_id is not None,
@@ -170,7 +173,8 @@ def run_finetune(teacher: str, dataset: str, overrides: list[str], *, parent_run
         trainer.load_best()
         test = evaluate(distiller.forward_test, data.loader("test", batch_size=int(cfg["eval_batch_size"])), precision)
         metrics = {"test/acc": test["acc"], "test/loss": test["loss"], "val/best_acc": state["best_val"],
-                   "best_epoch": float(state["best_epoch"] + 1), "epochs_trained": float(state["student_epoch"])}
+                   "best_epoch": float(state["best_epoch"] + 1), "epochs_trained": float(state["student_epoch"]),
+                   **run_time_metrics(trainer.state.history)}
         run.log_metrics(metrics, step=trainer.state.log_step)
         path = ckpt_path(cfg, subset_tag)
         meta = {"teacher": teacher, "dataset": data.name, "num_classes": int(data.num_classes),

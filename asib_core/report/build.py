@@ -24,7 +24,8 @@ from asib_core.config.errors import ConfigError
 from asib_core.tracking import configure_tracking, experiment_for, open_run
 
 from . import plots, writers
-from .query import finished_distill, group_columns, load_runs, metric_histories, teacher_accuracies
+from .query import (finished_distill, group_columns, is_sweep_trial, load_runs, metric_histories,
+                    teacher_accuracies)
 from .tables import baseline_columns, baselines_table, group_table, ladder_table, runs_table
 
 log = logging.getLogger("asib.report")
@@ -66,12 +67,13 @@ def build_report(experiment: str | None = None, filter_string: str = "", group_b
     """Query, tabulate and write the report files (no MLflow run; see ``run_report``)."""
     keys = parse_group_by(group_by)
     everything = load_runs(experiment, filter_string)
-    runs = finished_distill(everything)
+    runs = finished_distill(everything, filter_string)
     skipped = {}
     if not everything.empty:
         rest = everything.drop(index=runs.index)
-        skipped = rest.groupby([rest["step"].replace("", "-"), rest["status"]]).size().to_dict()
-        skipped = {f"{k[0]}/{k[1]}": int(v) for k, v in skipped.items()}
+        step = rest["step"].replace("", "-").where(~is_sweep_trial(rest), rest["step"] + " (sweep trial)")
+        counts = rest.groupby([step, rest["status"]]).size()
+        skipped = {f"{k[0]}/{k[1]}": int(v) for k, v in counts.items() if v}
     if runs.empty:
         seen = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "none at all"
         raise ConfigError(

@@ -8,6 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 PANELS = (("val/acc", "validation top-1 (%)"), ("train/acc", "train top-1 (%)"))
 
@@ -26,7 +27,7 @@ def group_figure(title: str, runs: pd.DataFrame, histories: dict):
     fig, axes = plt.subplots(1, len(PANELS), figsize=(11, 4))
     for ax, (key, label) in zip(axes, PANELS):
         curves = []
-        for _, run in runs.iterrows():
+        for _, run in runs.sort_values(["seed_order", "seed"]).iterrows():
             series = histories.get(run["run_id"], {}).get(key)
             if series is None or series.empty:
                 continue
@@ -38,6 +39,7 @@ def group_figure(title: str, runs: pd.DataFrame, histories: dict):
             mean = mean_curve(curves)
             ax.plot(mean.index, mean.values, lw=2.5, color="black", label=f"mean of {len(curves)}")
         ax.set_xlabel("epoch (MLflow step)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=.3)
         if curves:
@@ -59,6 +61,7 @@ def overview_figure(groups: list[tuple[str, pd.DataFrame]], histories: dict, key
             mean = mean_curve(curves)
             ax.plot(mean.index, mean.values, marker="o", ms=2, label=f"{title} (n={len(curves)})")
     ax.set_xlabel("epoch (MLflow step)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("validation top-1 (%), mean over seeds")
     ax.grid(alpha=.3)
     if ax.lines:

@@ -130,11 +130,26 @@ def load_runs(experiment: str | None = None, filter_string: str = "") -> pd.Data
     return normalize(search(experiment, filter_string))
 
 
-def finished_distill(df: pd.DataFrame) -> pd.DataFrame:
-    """The runs the tables average: FINISHED ``step=distill`` runs."""
+SWEEP_TAG = "optuna.study_name"
+
+
+def is_sweep_trial(df: pd.DataFrame) -> pd.Series:
+    col = f"tags.{SWEEP_TAG}"
+    if col not in df.columns:
+        return pd.Series(False, index=df.index)
+    return df[col].notna() & (df[col].astype(str) != "")
+
+
+def finished_distill(df: pd.DataFrame, filter_string: str = "") -> pd.DataFrame:
+    """The runs the tables average: FINISHED ``step=distill`` runs, without the trials of
+    Optuna sweeps (tag ``optuna.study_name``: their hyperparameters differ from run to run)
+    unless the filter names that tag, i.e. asks for the trials."""
     if df.empty:
         return df
-    return df[(df["step"] == "distill") & (df["status"] == "FINISHED")].copy()
+    keep = (df["step"] == "distill") & (df["status"] == "FINISHED")
+    if SWEEP_TAG not in (filter_string or ""):
+        keep &= ~is_sweep_trial(df)
+    return df[keep].copy()
 
 
 def group_columns(df: pd.DataFrame, keys: list[str]) -> list[str]:

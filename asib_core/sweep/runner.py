@@ -133,14 +133,39 @@ def preflight(settings: SweepSettings, space: SearchSpace):
 
     check_overrides(space, settings.overrides)
     base = resolve_experiment(settings.exp, settings.overrides)
-    try:
-        resolve_experiment(settings.exp, list(settings.overrides) + space.probe_overrides())
-    except ConfigError as exc:
-        raise ConfigError(f"the search space '{space.name}' does not fit experiment '{settings.exp}' "
-                          f"(checked with {space.probe_overrides()}): {exc}") from None
+    for end in (0, -1):
+        values = space.probe_values(end)
+        probe = space.overrides(values)
+        try:
+            cfg = resolve_experiment(settings.exp, list(settings.overrides) + probe).cfg
+        except ConfigError as exc:
+            raise ConfigError(f"the search space '{space.name}' does not fit experiment '{settings.exp}' "
+                              f"(checked with {probe}): {exc}") from None
+        check_effective(space, values, cfg)
     if get_method(base.cfg["method_name"]).needs_teachers:
         resolve_teachers(base.cfg)
     return base
+
+
+def check_effective(space: SearchSpace, values: dict, cfg: dict) -> None:
+    """Every searched ``experiment.*`` key must reach the run with the sampled value (an anchor,
+    for example, sets ce_alpha/kd_alpha over the experiment: searching them would do nothing)."""
+    from asib_core.config import get_dotted
+
+    for name, key in space.key_map.items():
+        if not key.startswith("experiment.") or name not in values:
+            continue
+        got = get_dotted(cfg, key[len("experiment."):])
+        want = values[name]
+        same = got == want
+        if isinstance(want, (int, float)) and isinstance(got, (int, float)) and not isinstance(want, bool):
+            same = math.isclose(float(got), float(want), rel_tol=1e-9, abs_tol=1e-12)
+        if not same:
+            raise ConfigError(
+                f"the search space '{space.name}' sets {key}={want!r}, but the resolved config has {got!r}: "
+                "something else (e.g. anchor=fair_baseline for ce_alpha/kd_alpha) decides this key, so "
+                "the sweep would not search it. Remove the parameter or what overrides it."
+            )
 
 
 def run_sweep(settings: SweepSettings) -> SweepResult:
@@ -186,6 +211,8 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
                 if trial is None:
                     break
                 result.outcomes.append(trials.run(trial))
+        with contextlib.suppress(OSError):
+            state_root.rmdir()        # the trials removed their own folders; drop the empty parent
         result.best, result.best_file = report(study, parent.run_id, space, settings.exp,
                                                list(settings.overrides), out_dir)
         result.counts = state_counts(study)

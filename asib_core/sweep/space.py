@@ -47,9 +47,12 @@ class ParamSpec:
             return trial.suggest_int(self.name, self.low, self.high, log=self.log, step=self.step or 1)
         return trial.suggest_categorical(self.name, list(self.choices))
 
-    def probe_value(self) -> Any:
-        """A value inside the distribution (used to check the overrides before the study)."""
-        return self.choices[0] if self.type == "categorical" else self.low
+    def probe_value(self, end: int = 0) -> Any:
+        """The first (end=0) or last (end=-1) value of the distribution, to check the overrides
+        before the study starts."""
+        if self.type == "categorical":
+            return self.choices[end]
+        return self.low if end == 0 else self.high
 
 
 @dataclass
@@ -97,11 +100,16 @@ class SearchSpace:
 
     def overrides(self, values: dict) -> list[str]:
         """Hydra overrides of the values of one trial (parameters, then derived keys)."""
-        keys = {p.name: p.key for p in self.params} | {d.name: d.key for d in self.derived}
+        keys = self.key_map
         return [f"{keys[name]}={format_value(value)}" for name, value in values.items() if name in keys]
 
-    def probe_overrides(self) -> list[str]:
-        return self.overrides(self.complete({p.name: p.probe_value() for p in self.params}))
+    def probe_values(self, end: int = 0) -> dict:
+        return self.complete({p.name: p.probe_value(end) for p in self.params})
+
+    @property
+    def key_map(self) -> dict:
+        """name -> override key, for parameters and derived keys."""
+        return {p.name: p.key for p in self.params} | {d.name: d.key for d in self.derived}
 
 
 def format_value(value: Any) -> str:

@@ -1,0 +1,50 @@
+"""Entry point ``sweep``: an Optuna search over distillation runs, one nested MLflow run per trial.
+
+    python -m pipelines.sweep exp=L1_ib n_trials=20 [space=default] [study_name=NAME]
+        [storage=PATH|URL] [sampler_seed=0] [pruner=median|hyperband|none] [worker=0]
+        [overrides="experiment.KEY=VALUE ..."]
+
+Start more workers on the same study (same exp, space, study_name, storage) to run trials in
+parallel; ``n_trials`` is the study's total. Exit 0 once the study holds n_trials trials and
+at least one completed, 1 if none completed, 2 on a user error.
+"""
+from __future__ import annotations
+
+import sys
+
+from pipelines._cli import parse_exp_args, pop_option, user_errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    from asib_core.sweep import SweepSettings, run_sweep
+
+    with user_errors():
+        argv = list(sys.argv[1:] if argv is None else argv)
+        settings = SweepSettings(
+            space=pop_option(argv, "space", "default"),
+            n_trials=int(float(pop_option(argv, "n_trials", "20"))),
+            study_name=pop_option(argv, "study_name", ""),
+            storage=pop_option(argv, "storage", ""),
+            sampler_seed=int(float(pop_option(argv, "sampler_seed", "0"))),
+            pruner=pop_option(argv, "pruner", "median"),
+            worker=int(float(pop_option(argv, "worker", "0"))),
+        )
+        settings.exp, settings.overrides = parse_exp_args(argv, default_exp="quickstart")
+        result = run_sweep(settings)
+        print(f"sweep run {result.parent_run_id}: study '{result.study_name}' in {result.storage}; "
+              f"trials on {result.device}")
+        print("  study trials: " + ", ".join(f"{k}={v}" for k, v in result.counts.items()))
+        for outcome in result.outcomes:
+            shown = f"{outcome.value:.4f}" if outcome.value is not None else outcome.error
+            print(f"  trial {outcome.number}: {outcome.state} {shown} (run {outcome.run_id})")
+        if result.best is None:
+            print("  no trial completed: no best config", file=sys.stderr)
+            return 1
+        print(f"  best: trial {result.best.number} val/best_acc={result.best.value:.4f} "
+              f"{result.best.overrides_line}")
+        print(f"  best-config overrides: {result.best_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
