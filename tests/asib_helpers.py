@@ -3,8 +3,8 @@
 * ``asib_cfg(exp, overrides)``: the finalised effective config of a seed experiment with
   digits / resnet20 + wrn_16_2 -> resnet8 and tiny sizes;
 * ``tiny_data(cfg)``: real digits data (a balanced subset of the training split);
-* ``trained_teachers(cache_dir)``: resnet20 and wrn_16_2 trained briefly on digits (cached on
-  disk by pytest's cache, so only the first session pays for it);
+* ``trained_teacher_states(cache_dir)``: resnet20 and wrn_16_2 trained briefly on digits (cached on
+  disk by pytest's cache, so only the first session pays for it, ~30-60 s on 2 busy cores);
 * ``make_run(cfg, data, teachers, tmp_path)``: a TrainingRun assembled as in
   ``asib_core.pipeline.distill._fit`` (ConfigLock, state dir under tmp_path).
 """

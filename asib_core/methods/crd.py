@@ -32,7 +32,13 @@ import torch
 
 from asib_core.losses import CRDEmbed, CRDMemory, crd_nce_loss, soft_target_kd_loss
 
-from ._probe import check_logit_target, logit_teachers, probe_shapes, teacher_forward, teacher_logits
+from ._probe import (
+    check_logit_target,
+    logit_teachers,
+    probe_shapes,
+    teacher_forward,
+    teacher_logits,
+)
 from .base import Batch, Distiller, TrainContext
 from .registry import register_method
 from .targets import selected_teacher, target_probs

@@ -39,7 +39,14 @@ from torch import nn
 
 from asib_core.losses import at_multi_layer_loss, reviewkd_hcl_loss, soft_target_kd_loss
 
-from ._probe import check_logit_target, logit_teachers, probe_shapes, teacher_forward, teacher_logits, stage_count
+from ._probe import (
+    check_logit_target,
+    logit_teachers,
+    probe_shapes,
+    stage_count,
+    teacher_forward,
+    teacher_logits,
+)
 from .base import Batch, Distiller, TrainContext
 from .registry import register_method
 from .targets import selected_teacher, target_probs
@@ -47,6 +54,8 @@ from .targets import selected_teacher, target_probs
 #: official schedule: HCL weight ramps linearly over 20 of 240 epochs
 WARMUP_EPOCHS, REFERENCE_EPOCHS = 20, 240
 MAX_MID_CHANNELS = 512
+#: HCL weight when ``feature_weight`` is not configured (kd-reference.md: 5.0 on CIFAR)
+DEFAULT_HCL_WEIGHT = 5.0
 
 
 class ABF(nn.Module):
@@ -93,7 +102,7 @@ class ReviewKD(Distiller):
             check_logit_target(cfg, self.name)
             self.needed |= logit_teachers(cfg, len(self.teachers))
         fw = cfg.get("feature_weight")
-        self.feature_weight = 1.0 if fw is None else float(fw)
+        self.feature_weight = DEFAULT_HCL_WEIGHT if fw is None else float(fw)
         aw = cfg.get("attention_weight")
         self.attention_weight = 0.0 if aw is None else float(aw)
         s_shapes = probe_shapes(self.student)

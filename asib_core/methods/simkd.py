@@ -30,7 +30,13 @@ from torch import nn
 
 from asib_core.losses import simkd_loss, soft_target_kd_loss
 
-from ._probe import check_logit_target, logit_teachers, probe_shapes, teacher_forward, teacher_logits
+from ._probe import (
+    check_logit_target,
+    logit_teachers,
+    probe_shapes,
+    teacher_forward,
+    teacher_logits,
+)
 from .base import Batch, Distiller, TrainContext
 from .registry import register_method
 from .targets import selected_teacher, target_probs
@@ -44,13 +50,16 @@ class SimKDProjector(nn.Sequential):
         hidden = hidden if hidden is not None else max(1, out_channels // PROJECTOR_FACTOR)
         super().__init__(
             nn.Conv2d(in_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
         )
         self.in_channels, self.hidden, self.out_channels = in_channels, hidden, out_channels
 
 
-def _pooled_size(size: tuple[int, int], s_ref: tuple[int, int], t_ref: tuple[int, int]) -> tuple[int, int] | None:
+def _pooled_size(size: tuple[int, int], s_ref: tuple[int, int],
+                 t_ref: tuple[int, int]) -> tuple[int, int] | None:
     """Size the student map is pooled to without a teacher map (None: keep it).
 
     ``s_ref``/``t_ref`` are the student/teacher map sizes of a 32x32 probe; the ratio is applied

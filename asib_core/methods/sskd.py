@@ -11,7 +11,8 @@ Stage 1, ``pretrain(runner)`` (logged under ``sskd_pretrain/``): the teacher is 
 its SS head learns the contrastive prediction "which of the B originals is this rotated image"
 (``sskd_ss_ce_loss`` at T = 1, as in the official code), SGD lr 0.05, momentum 0.9, weight decay
 5e-4, lr x0.1 at 50 % and 75 % of the stage (official: 60 epochs, milestones 30 / 45).
-Length: ``sskd_pretrain_epochs`` if set, else ``ceil(total student epochs / 4)`` (60 of 240).
+Length: ``sskd_pretrain_epochs`` if set, else ``min(60, ceil(total student epochs / 4))`` (60
+before a 240-epoch run).
 
 Stage 2, the student epochs (every entry already weighted, T = ctx.tau)::
 
@@ -30,7 +31,6 @@ schedule). The seed's values (0.3 / 0.7 / 0.5 / 1.0) are weaker than the paper's
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch import nn
@@ -54,7 +54,7 @@ ROTATIONS = 4
 SS_TEMPERATURE = 0.5          # similarity KD temperature
 SS_KEEP_WRONG = 0.75          # fraction of teacher-wrong similarity rows kept
 TF_KEEP_WRONG = 1.0           # fraction of teacher-wrong transformed rows kept
-PRETRAIN_FRACTION = 60 / 240  # official: 60 SS-head epochs before 240 student epochs
+PRETRAIN_MAX_EPOCHS, REFERENCE_EPOCHS = 60, 240  # official: 60 SS-head epochs, then 240
 PRETRAIN_LR, PRETRAIN_MOMENTUM, PRETRAIN_WD = 0.05, 0.9, 5e-4
 PRETRAIN_MILESTONES = (0.5, 0.75)
 PRETRAIN_TEMPERATURE = 1.0    # official teacher.py: CE on the raw cosine similarities
@@ -84,7 +84,11 @@ def pretrain_epochs(cfg: dict, total_epochs: int) -> int:
     value = cfg.get("sskd_pretrain_epochs")
     if value is not None:
         return max(0, int(value))
-    return max(1, math.ceil(PRETRAIN_FRACTION * max(int(total_epochs), 1)))
+    total = int(total_epochs)
+    if total <= 0:
+        return 0
+    share = -(-total * PRETRAIN_MAX_EPOCHS // REFERENCE_EPOCHS)  # integer ceil of total / 4
+    return min(PRETRAIN_MAX_EPOCHS, max(1, share))
 
 
 @register_method("sskd")
@@ -124,7 +128,7 @@ class SSKD(Distiller):
     def pretrain(self, runner) -> None:
         epochs = pretrain_epochs(self.cfg, runner.spec.total_epochs)
         if epochs <= 0:
-            log.warning("SSKD: sskd_pretrain_epochs=0, the teacher's SS head stays untrained")
+            log.warning("SSKD: no pre-training epochs (sskd_pretrain_epochs=0 or an empty run): the teacher's SS head stays untrained")
             self.ss_head_t.requires_grad_(False)
             return
         head = self.ss_head_t.requires_grad_(True)
@@ -141,17 +145,23 @@ class SSKD(Distiller):
             self.record(ss_acc=self._ss_accuracy(emb.detach()))
             return split_rotations(t_out["logit"])[0], {"ss_ce": loss}
 
-        for epoch in range(epochs):
-            lr = PRETRAIN_LR * 0.1 ** sum(epoch >= m for m in milestones)
+        def epoch_metrics(_epoch):
+            return {"sskd_pretrain/lr": optimizer.param_groups[0]["lr"],
+                    "sskd_pretrain/val_ss_acc": self.ss_val_accuracy(runner, chunk)}
+
+        for epoch in range(epochs):  # one call per epoch: the LR steps between them
             for group in optimizer.param_groups:
-                group["lr"] = lr
-            head.train()
-            runner.run_aux_epochs(
-                "sskd_pretrain", step, params, optimizer, 1,
-                extra_metrics=lambda _e, lr=lr: {"sskd_pretrain/lr": lr,
-                                                 "sskd_pretrain/val_ss_acc": self.ss_val_accuracy(runner, chunk)},
-            )
+                group["lr"] = PRETRAIN_LR * 0.1 ** sum(epoch >= m for m in milestones)
+            runner.run_aux_epochs("sskd_pretrain", step, params, optimizer, 1,
+                                  extra_metrics=epoch_metrics)
         head.requires_grad_(False)
+        dist = getattr(runner, "dist", None)
+        if dist is not None and dist.enabled:
+            # run_aux_epochs does not go through DDP: every rank trained its own copy of the
+            # head on its shard; keep rank 0's so all ranks distil toward the same targets
+            import torch.distributed as torch_dist
+            for tensor in list(head.parameters()) + list(head.buffers()):
+                torch_dist.broadcast(tensor.data, src=0)
 
     @torch.no_grad()
     def ss_val_accuracy(self, runner, chunk: int = 64) -> float:

@@ -15,13 +15,18 @@ LOGIT_TARGETS = ("teacher", "avg")
 
 
 def teacher_weights(cfg: dict, n: int) -> list[float]:
-    weights = cfg.get("teacher_weights") or [1.0] * n
-    weights = [float(w) for w in weights][:n]
-    if len(weights) < n:
-        weights += [1.0] * (n - len(weights))
+    """``teacher_weights`` normalised to sum 1 (uniform when unset); one non-negative
+    weight per teacher or the run is refused."""
+    weights = cfg.get("teacher_weights")
+    if weights is None:
+        return [1.0 / n] * n
+    weights = [float(w) for w in weights]
+    if len(weights) != n or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(
+            f"teacher_weights={weights} must hold one non-negative weight per teacher ({n}) with a "
+            "positive sum; e.g. experiment.teacher_weights=[0.5,0.5] or null for equal weights."
+        )
     total = sum(weights)
-    if total <= 0:
-        raise ConfigError(f"teacher_weights must sum to a positive number, got {weights}.")
     return [w / total for w in weights]
 
 

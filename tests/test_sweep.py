@@ -1,0 +1,350 @@
+"""Issue 7: Optuna sweeps as an MLflow entry point.
+
+Trials are real distillation runs on digits, kept tiny: the cross-entropy student alone (no
+teachers to train), 10 images per class, two epochs. A one-parameter space over the student's
+learning rate makes the outcome of enqueued trials predictable: lr 0.1 learns, lr 1e-6 does not
+(so a median pruner prunes it after epoch 1), lr -1 fails inside its run (the optimiser refuses
+it) and the value "fast" fails before any run starts (Optuna cannot read it as a float).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from asib_core.config import ConfigError, resolve_experiment
+from asib_core.sweep import SweepSettings, load_space, open_storage, run_sweep
+from asib_core.sweep.space import format_value, parse_space
+from pipelines._cli import parse_exp_args
+from tests.pipeline_helpers import ROOT, env_for
+
+FAST = ["method=ce", "experiment.student_epochs_per_stage=[2]", "experiment.dataset.train_per_class=10",
+        "experiment.dataset.val_split=0.05", "experiment.dataset.batch_size=16", "experiment.eval_batch_size=256",
+        "experiment.schedule.lr_warmup_epochs=0"]
+LR_SPACE = {
+    "params": {"student_lr": {"type": "float", "low": -1.0, "high": 0.2}},
+    "sampler": {"name": "tpe", "n_startup_trials": 2},
+    "pruner": {"median": {"n_startup_trials": 1, "n_warmup_steps": 0}},
+}
+GOOD, BAD, BROKEN, UNREADABLE = 0.1, 1e-6, -1.0, "fast"
+
+
+# --------------------------------------------------------------------------- search spaces
+
+def test_shipped_spaces_load_and_fit_their_experiments():
+    default = load_space("default")
+    assert default.param_names == ["ib_beta", "kd_alpha"]
+    dist = {p.name: p for p in default.params}
+    assert dist["ib_beta"].log and dist["ib_beta"].type == "float" and not dist["kd_alpha"].log
+    values = default.complete({"ib_beta": 3.3e-4, "kd_alpha": 0.7234})
+    assert values["ce_alpha"] == 0.2766
+    # strict_mode holds for every trial of the default space (ce_alpha = 1 - kd_alpha)
+    cfg = resolve_experiment("L1_ib", ["experiment.strict_mode=true"] + default.overrides(values)).cfg
+    assert (cfg["ib_beta"], cfg["kd_alpha"], cfg["ce_alpha"]) == (3.3e-4, 0.7234, 0.2766)
+    with pytest.raises(ConfigError, match="strict_mode"):
+        resolve_experiment("L1_ib", ["experiment.strict_mode=true", "experiment.kd_alpha=0.7234"])
+    tau_lr = load_space("tau_lr")
+    assert set(tau_lr.param_names) == {"tau", "student_lr", "feat_kd_alpha"}
+    resolve_experiment("L1_ib", tau_lr.overrides(tau_lr.probe_values(-1)))
+
+
+def test_sweep_values_reach_the_config_exactly():
+    space = parse_space("t", "inline", {"params": {"ib_beta": {"type": "float", "low": 1e-7, "high": 1.0, "log": True},
+                                                   "kd_target": {"type": "categorical", "choices": ["avg", "synergy"]},
+                                                   "tau_schedule": {"type": "categorical", "choices": [None]}}})
+    value = 1.2345678901234567e-05
+    cfg = resolve_experiment("L1_ib", space.overrides({"ib_beta": value, "kd_target": "avg", "tau_schedule": None})).cfg
+    assert cfg["ib_beta"] == value and cfg["kd_target"] == "avg" and cfg["tau_schedule"] is None
+    assert format_value(True) == "true" and format_value([2, 3]) == "[2,3]" and format_value("a b") == "'a b'"
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"params": {}}, "at least one"),
+    ({"params": {"x": {"type": "normal"}}}, "type"),
+    ({"params": {"x": {"type": "float", "low": 1, "high": 1}}}, "low < high"),
+    ({"params": {"x": {"type": "float", "low": 0, "high": 1, "log": True}}}, "low > 0"),
+    ({"params": {"x": {"type": "float", "low": 0, "high": 1, "scale": 2}}}, "unknown keys"),
+    ({"params": {"x": {"type": "categorical", "choices": [[1, 2]]}}}, "choices"),
+    ({"params": {"x": {"type": "float", "low": 0, "high": 1}}, "derived": {"y": "1 - z"}}, "not a parameter"),
+    ({"params": {"x": {"type": "float", "low": 0, "high": 1}}, "derived": {"y": "__import__('os')"}}, "may only use"),
+    ({"params": {"x": {"type": "float", "low": 0, "high": 1}}, "sampler": {"name": "cmaes"}}, "sampler"),
+    ({"params": {"x": {"type": "float", "low": 0, "high": 1}}, "pruner": {"median": {"patience": 2}}}, "pruner"),
+    ({"params": {"x": {"type": "float", "low": 0, "high": 1}}, "search": 1}, "unknown keys"),
+])
+def test_bad_spaces_are_refused_naming_the_problem(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_space("bad", "inline", raw)
+
+
+def test_storage_forms(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ASIB_ARTIFACT_ROOT", raising=False)
+    store = open_storage("")
+    assert store.kind == "journal" and store.description == f"journal file {tmp_path / 'mlruns/optuna/journal.log'}"
+    assert open_storage(str(tmp_path / "j" / "s.log")).kind == "journal"
+    store = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert store.kind == "rdb"
+    from asib_core.sweep.storage import redact
+    assert redact("postgresql://asib:secret@db:5432/optuna") == "postgresql://asib:***@db:5432/optuna"
+
+
+def test_mlproject_sweep_entry_declares_the_issue_parameters():
+    entry = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["sweep"]
+    assert {"exp", "n_trials", "space", "study_name", "storage", "sampler_seed", "pruner", "overrides",
+            "worker"} <= set(entry["parameters"])
+    assert entry["command"].startswith("python -m pipelines.sweep ")
+
+
+# --------------------------------------------------------------------------- sweeps
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """One working directory and tracking store for the sweep tests (each uses its own study)."""
+    work = tmp_path_factory.mktemp("sweep")
+    (work / "lr.yaml").write_text(yaml.safe_dump(LR_SPACE))
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME",
+                                            "ASIB_ARTIFACT_ROOT")}
+    old_cwd = os.getcwd()
+    os.chdir(work)
+    for key in saved:
+        os.environ.pop(key, None)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    try:
+        yield work
+    finally:
+        os.chdir(old_cwd)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def study_runs(study_name: str):
+    client = MlflowClient()
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids, f"tags.`optuna.study_name` = '{study_name}'", max_results=500)
+
+
+def trial_runs(study_name: str):
+    return [r for r in study_runs(study_name) if r.data.tags.get("step") != "sweep"]
+
+
+def enqueue(storage: str, name: str, *lrs: float) -> None:
+    study = optuna.create_study(study_name=name, storage=open_storage(storage).storage, direction="maximize")
+    for lr in lrs:
+        study.enqueue_trial({"student_lr": lr}, skip_if_exists=False)
+
+
+@pytest.fixture(scope="module")
+def small_sweep(home):
+    """Four trials: lr 0.1 (COMPLETE), lr -1 (FAIL in its run), lr 1e-6 (PRUNED), "fast" (FAIL
+    before its run)."""
+    enqueue("", "small", GOOD, BROKEN, BAD, UNREADABLE)
+    settings = SweepSettings(exp="quickstart", space=str(home / "lr.yaml"), n_trials=4, study_name="small",
+                             pruner="median", overrides=list(FAST))
+    return settings, run_sweep(settings)
+
+
+def test_small_sweep_has_one_nested_run_per_trial_with_its_state(small_sweep):
+    settings, result = small_sweep
+    assert [(o.number, o.state) for o in result.outcomes] == [(0, "COMPLETE"), (1, "FAIL"), (2, "PRUNED"),
+                                                              (3, "FAIL")]
+    runs = {int(r.data.tags["optuna.trial_number"]): r for r in trial_runs("small")}
+    assert sorted(runs) == [0, 1, 2, 3]
+    expected = {0: ("FINISHED", "COMPLETE", GOOD), 1: ("FAILED", "FAIL", BROKEN), 2: ("KILLED", "PRUNED", BAD)}
+    for number, (status, state, lr) in expected.items():
+        run = runs[number]
+        tags = run.data.tags
+        assert run.info.status == status, number
+        assert tags["optuna.state"] == state and tags["optuna.study_name"] == "small"
+        assert tags["mlflow.parentRunId"] == result.parent_run_id
+        assert len(tags["config_sha256"]) == 64
+        assert float(run.data.params["trial.student_lr"]) == lr
+        assert run.info.run_id == result.outcomes[number].run_id
+    assert "Invalid learning rate" in runs[1].data.tags["asib.error"]      # failed inside the run
+    assert "student_lr" not in str(runs[1].data.metrics) and "val/acc" not in runs[1].data.metrics
+    unreadable = runs[3]                                                    # failed before any run
+    assert unreadable.info.status == "FAILED" and unreadable.data.tags["optuna.state"] == "FAIL"
+    assert unreadable.data.tags["mlflow.parentRunId"] == result.parent_run_id
+    assert "could not convert" in unreadable.data.tags["asib.error"]
+    assert "val/best_acc" in runs[0].data.metrics
+    # the objective is the validation accuracy: the study's value is the run's val/best_acc
+    assert result.outcomes[0].value == runs[0].data.metrics["val/best_acc"]
+
+
+def test_pruning_stops_the_trial_that_does_not_learn(small_sweep):
+    _, result = small_sweep
+    pruned = trial_runs("small")
+    pruned = next(r for r in pruned if r.data.tags["optuna.trial_number"] == "2")
+    assert pruned.info.status == "KILLED"
+    assert pruned.data.tags["asib.pruned"].startswith("pruned by the median pruner after epoch 1")
+    assert "asib.error" not in pruned.data.tags
+    study = optuna.load_study(study_name="small", storage=open_storage("").storage)
+    trials = study.get_trials()
+    assert trials[0].intermediate_values.keys() == {1, 2}      # one report per epoch
+    assert list(trials[2].intermediate_values) == [1]          # stopped after its first epoch
+    assert trials[2].state == optuna.trial.TrialState.PRUNED
+
+
+def test_parent_run_reports_best_trials_plots_and_a_best_config_file(small_sweep, home):
+    settings, result = small_sweep
+    client = MlflowClient()
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["step"] == "sweep"
+    assert parent.data.metrics["best_value"] == result.outcomes[0].value
+    assert parent.data.metrics["n_complete"] == 1 and parent.data.metrics["n_pruned"] == 1
+    assert parent.data.metrics["n_fail"] == 2
+    assert float(parent.data.params["best.student_lr"]) == GOOD
+    assert parent.data.tags["sweep.best_trial"] == "0"
+    names = {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}
+    assert {"plots/optimization_history.png", "plots/param_importances.png",
+            "plots/parallel_coordinate.png"} <= names
+    csv = Path(mlflow.artifacts.download_artifacts(run_id=result.parent_run_id, artifact_path="trials.csv"))
+    lines = csv.read_text().strip().splitlines()
+    assert len(lines) == 5 and {"COMPLETE", "FAIL", "PRUNED"} <= {line.split(",")[-1] for line in lines[1:]}
+    # the override file is what `-e distill -P overrides="$(cat FILE)"` passes: it gives the best
+    # trial's locked config
+    text = result.best_file.read_text().strip()
+    assert result.best_file == home / "experiments/sweeps/small/best_overrides.txt"
+    exp, overrides = parse_exp_args([f"exp={settings.exp}", f"overrides={text}"])
+    best_run = client.get_run(result.outcomes[0].run_id)
+    assert resolve_experiment(exp, overrides).sha256 == best_run.data.tags["config_sha256"]
+    assert not list((home / "checkpoints").rglob("*.pt")), "trial states are removed"
+
+
+def test_a_resumed_study_continues_its_trial_count(small_sweep, home):
+    settings, first = small_sweep
+    with pytest.raises(ConfigError, match="was created for"):
+        run_sweep(SweepSettings(exp=settings.exp, space=settings.space, n_trials=5, study_name="small",
+                                overrides=FAST[1:]))
+    again = run_sweep(SweepSettings(exp=settings.exp, space=settings.space, n_trials=5, study_name="small",
+                                    pruner="none", overrides=list(FAST)))
+    assert [o.number for o in again.outcomes] == [4] and again.parent_run_id != first.parent_run_id
+    runs = trial_runs("small")
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in runs) == [0, 1, 2, 3, 4]
+    newest = next(r for r in runs if r.data.tags["optuna.trial_number"] == "4")
+    assert newest.data.tags["mlflow.parentRunId"] == again.parent_run_id
+    assert sum(again.counts.values()) == 5
+    # the study is complete: one more call runs nothing and still reports
+    done = run_sweep(SweepSettings(exp=settings.exp, space=settings.space, n_trials=5, study_name="small",
+                                   pruner="none", overrides=list(FAST)))
+    assert done.outcomes == [] and done.best is not None
+
+
+def test_user_errors_stop_before_any_trial(home):
+    from pipelines.sweep import main
+
+    good = {"exp": "quickstart", "space": str(home / "lr.yaml"), "n_trials": "1", "study_name": "never"}
+    for bad in ({"pruner": "sometimes"}, {"space": "nope"}, {"n_trials": "0"},
+                {"overrides": "experiment.student_lr=0.1"},                 # a key the space searches
+                {"overrides": "anchor=fair_baseline", "space": "default"},  # the anchor fixes kd_alpha
+                {"storage": "postgresql+psycopg2://nobody@127.0.0.1:9/none"}):
+        with pytest.raises(SystemExit) as info:
+            main([f"{k}={v}" for k, v in (good | bad).items()])
+        assert info.value.code == 2, bad
+    assert not study_runs("never")
+
+
+def _workers(home: Path, name: str, storage: str, n_trials: int, count: int = 2) -> list:
+    args = ["exp=quickstart", f"space={home / 'lr.yaml'}", f"n_trials={n_trials}", f"study_name={name}",
+            f"storage={storage}", "pruner=none", "overrides=" + " ".join(FAST)]
+    procs = [subprocess.Popen([sys.executable, "-m", "pipelines.sweep", *args, f"worker={i}"], cwd=home,
+                              env=env_for(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(count)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-3000:]
+    return outputs
+
+
+def _check_shared_study(name: str, storage: str, n_trials: int) -> None:
+    study = optuna.load_study(study_name=name, storage=open_storage(storage).storage)
+    trials = study.get_trials()
+    assert sorted(t.number for t in trials) == list(range(n_trials))
+    assert all(t.state.is_finished() for t in trials)
+    runs = trial_runs(name)
+    numbers = sorted(int(r.data.tags["optuna.trial_number"]) for r in runs)
+    assert numbers == list(range(n_trials)), "one nested run per trial, none lost, none twice"
+    parents = [r for r in study_runs(name) if r.data.tags.get("step") == "sweep"]
+    assert sorted(r.data.tags["sweep.worker"] for r in parents) == ["0", "1"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} <= {p.info.run_id for p in parents}
+    assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in runs}
+
+
+def test_two_workers_share_one_journal_study(home):
+    journal = home / "shared" / "journal.log"
+    outputs = _workers(home, "pair", str(journal), n_trials=4)
+    _check_shared_study("pair", str(journal), 4)
+    assert all("trials on cpu" in out or "trials on cuda" in out for out in outputs)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+def _pg_binary(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+                        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
+    return candidates[-1] if candidates else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server on 127.0.0.1 (Debian's packages; .ci/run installs them)."""
+    initdb, pg_ctl = _pg_binary("initdb"), _pg_binary("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found; install them with "
+                    "`apt-get install -y postgresql` (.ci/run does)")
+    as_root = os.geteuid() == 0
+    base = Path(tempfile.mkdtemp(prefix="asib-pg-"))
+    prefix: list = []
+    if as_root:  # the server refuses to run as root
+        user = pwd.getpwnam("postgres")
+        os.chown(base, user.pw_uid, user.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"] if shutil.which("runuser") else None
+    port = _free_port()
+
+    def run(args: list) -> None:
+        cmd = prefix + args if prefix is not None else ["su", "postgres", "-s", "/bin/sh", "-c",
+                                                        shlex.join(map(str, args))]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{args[0]} failed: {done.stdout}\n{done.stderr}"
+
+    data = base / "data"
+    run([initdb, "-D", str(data), "-U", "asib", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"])
+    run([pg_ctl, "-D", str(data), "-l", str(base / "server.log"), "-w", "-t", "60",
+         "-o", f"-h 127.0.0.1 -p {port} -k {base} -F", "start"])
+    try:
+        yield f"postgresql+psycopg2://asib@127.0.0.1:{port}/postgres"
+    finally:
+        run([pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"])
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_two_workers_share_one_postgresql_study(home, postgres_url):
+    _workers(home, "pg-pair", postgres_url, n_trials=3)
+    _check_shared_study("pg-pair", postgres_url, 3)
+    parent = next(r for r in study_runs("pg-pair") if r.data.tags.get("step") == "sweep")
+    assert parent.data.tags["optuna.storage"].startswith("database postgresql+psycopg2://asib@127.0.0.1")
