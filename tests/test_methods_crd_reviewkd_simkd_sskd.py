@@ -304,3 +304,30 @@ def test_sskd_pretrain_trains_the_teacher_ss_head(teacher, bundle, tmp_path):
     assert all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items())
     assert not any(p.requires_grad for p in distiller.ss_head_t.parameters())
     assert math.isclose(history[0]["sskd_pretrain/lr"], 0.05)
+
+
+# -- schedules and layout helpers (no training) ------------------------------------------------
+def test_reviewkd_warmup_is_20_of_240_epochs_of_the_run():
+    from asib_core.methods.reviewkd import reviewkd_warmup
+
+    assert reviewkd_warmup(0, 240) == pytest.approx(1 / 20)
+    assert reviewkd_warmup(18, 240) == pytest.approx(19 / 20)
+    assert reviewkd_warmup(19, 240) == 1.0 and reviewkd_warmup(200, 240) == 1.0
+    assert reviewkd_warmup(0, 24) == pytest.approx(1 / 2)  # W = ceil(24 / 12) = 2
+    assert reviewkd_warmup(0, 3) == 1.0                    # short runs: no warm-up
+
+
+def test_sskd_pretrain_length_and_rotation_layout():
+    from asib_core.methods.sskd import pretrain_epochs, rotate4, split_rotations
+
+    assert pretrain_epochs({}, 240) == 60 and pretrain_epochs({}, 480) == 60
+    assert pretrain_epochs({}, 10) == 3 and pretrain_epochs({}, 1) == 1 and pretrain_epochs({}, 0) == 0
+    assert pretrain_epochs({"sskd_pretrain_epochs": 7}, 240) == 7
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    x4 = rotate4(x)
+    assert x4.shape == (8, 3, 4, 4)
+    nor, aug = split_rotations(x4)
+    assert torch.equal(nor, x)
+    for b in range(2):
+        for k in (1, 2, 3):
+            assert torch.equal(aug[3 * b + k - 1], torch.rot90(x[b], k, dims=(1, 2)))

@@ -4,41 +4,19 @@ Shape probing for methods that build auxiliary modules, and the choice of the te
 training step has to run (feature terms read teacher ``kd_teacher_index``; logit terms follow
 ``kd_target``; a teacher no term reads is not run).
 
-``probe_shapes(model)`` runs one dummy ``1x3x32x32`` zero image through a model under
-``no_grad`` in eval mode (BatchNorm uses its running statistics, nothing is updated) and puts
-the model back in the mode it was in. It returns the shape of every entry of the model's
+``probe_shapes(model)`` (from ``_baseline_kd``) gives the shape of every entry of a model's
 feature dict, which is what CRD / ReviewKD / SimKD / SSKD use to size their extra modules.
 """
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from asib_core.config.errors import ConfigError
 
 from .targets import LOGIT_TARGETS, selected_teacher
 
-PROBE_SIZE = 32
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
-@torch.no_grad()
-def probe_shapes(model: nn.Module, size: int = PROBE_SIZE) -> dict[str, tuple[int, ...]]:
-    """``{key: shape}`` of ``model(zeros(1, 3, size, size))``; the model's mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        out = model(torch.zeros(1, 3, size, size, device=_device_of(model)))
-    finally:
-        model.train(was_training)
-    return {key: tuple(value.shape) for key, value in out.items()}
+# one shape probe for every method (shared with the dkd/fitnet/at/ab/ft helpers)
+from ._baseline_kd import probe_shapes  # noqa: E402,F401
 
 
 def stage_count(shapes: dict[str, tuple[int, ...]]) -> int:

@@ -128,7 +128,8 @@ class SSKD(Distiller):
     def pretrain(self, runner) -> None:
         epochs = pretrain_epochs(self.cfg, runner.spec.total_epochs)
         if epochs <= 0:
-            log.warning("SSKD: no pre-training epochs (sskd_pretrain_epochs=0 or an empty run): the teacher's SS head stays untrained")
+            log.warning("SSKD: no pre-training epochs (sskd_pretrain_epochs=0 or an empty run): "
+                        "the teacher's SS head stays untrained")
             self.ss_head_t.requires_grad_(False)
             return
         head = self.ss_head_t.requires_grad_(True)

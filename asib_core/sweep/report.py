@@ -114,7 +114,8 @@ def report(study, parent_run_id: str, space: SearchSpace, exp: str, fixed_overri
         client.set_tag(parent_run_id, "sweep.best_config_sha256", best.config_sha256 or "")
         client.set_tag(parent_run_id, "sweep.best_overrides", best.overrides_line[:5000])
     mlflow.log_metrics(metrics, run_id=parent_run_id)
-    log_plots(study, parent_run_id)
+    if best is not None:
+        log_plots(study, parent_run_id)
     return best, path
 
 

@@ -127,10 +127,7 @@ def trial_environment(experiment_name: str):
 
 def preflight(settings: SweepSettings, space: SearchSpace):
     """Refuse a sweep that cannot work before any trial: bad overrides, a space whose keys the
-    experiment does not accept, missing teachers."""
-    from asib_core.methods import get_method
-    from asib_core.pipeline.teachers import resolve_teachers
-
+    experiment does not accept or that something else decides."""
     check_overrides(space, settings.overrides)
     base = resolve_experiment(settings.exp, settings.overrides)
     for end in (0, -1):
@@ -142,9 +139,15 @@ def preflight(settings: SweepSettings, space: SearchSpace):
             raise ConfigError(f"the search space '{space.name}' does not fit experiment '{settings.exp}' "
                               f"(checked with {probe}): {exc}") from None
         check_effective(space, values, cfg)
-    if get_method(base.cfg["method_name"]).needs_teachers:
-        resolve_teachers(base.cfg)
     return base
+
+
+def check_teachers(cfg: dict) -> None:
+    from asib_core.methods import get_method
+    from asib_core.pipeline.teachers import resolve_teachers
+
+    if get_method(cfg["method_name"]).needs_teachers:
+        resolve_teachers(cfg)
 
 
 def check_effective(space: SearchSpace, values: dict, cfg: dict) -> None:
@@ -179,8 +182,12 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
     base = preflight(settings, space)
     cfg = base.cfg
     name = settings.study_name or default_study_name(settings.exp, space)
-    store = open_storage(settings.storage)
     pruner = st.build_pruner(settings.pruner, space, sum(int(e) for e in cfg["student_epochs_per_stage"]))
+    store = open_storage(settings.storage)
+    with store.ask_lock(name):
+        # workers starting together on a new sqlite tracking store: one creates its tables
+        MlflowClient().search_experiments(max_results=1)
+    check_teachers(cfg)
     signature = st.Signature(exp=settings.exp, overrides=list(settings.overrides), params=space.param_names)
     study = st.open_study(store, name, signature, sampler=None, pruner=pruner)
     seed = st.sampler_seed(settings.sampler_seed, settings.worker, st.count_trials(study))
@@ -192,7 +199,7 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
         "optuna.study_name": name, "optuna.storage": store.description, "sweep.space": space.name,
         "sweep.worker": str(settings.worker), "sweep.device": device})
     title = f"sweep {name}" + (f" worker {settings.worker}" if settings.worker else "")
-    out_dir = Path(settings.out_dir or Path("experiments") / "sweeps" / safe_name(name))
+    out_dir = Path(settings.out_dir or Path("experiments") / "sweeps" / safe_name(name)).resolve()
     result = SweepResult(parent_run_id="", study_name=name, storage=store.description, device=device)
     with open_run(experiment=experiment_for(cfg["dataset"]["name"]), run_name=title, tags=tags) as parent:
         result.parent_run_id = parent.run_id
