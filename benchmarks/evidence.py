@@ -9,7 +9,7 @@ are fine-tuned once in that store and found there by every later run.
 
 ``baselines``: one small teacher (resnet20) trained once, student resnet8, the same budget
 for CE-only and each of the ten methods (exp sota_generic, kd_target teacher).
-``ladder``: two teachers (resnet20 + wrn_16_2) -> resnet8; CE-only, avg-KD (L0 semantics)
+``ladder``: two teachers (resnet20 + resnet14) -> resnet8; CE-only, avg-KD (L0 semantics)
 and L1-L4 at one budget over several seeds.
 Prints a Markdown table of validation accuracy (best epoch) and test accuracy of the
 best-on-validation student.
@@ -90,14 +90,16 @@ def baselines(args) -> None:
 def ladder(args) -> None:
     root = extracted_root()
     enter(Path(args.work or "evidence").resolve())
-    teachers(root, ["resnet20", "wrn_16_2"], args.teacher_per_class, args.teacher_epochs)
+    teachers(root, ["resnet20", "resnet14"], args.teacher_per_class, args.teacher_epochs)
     stages = args.stages
-    common = [*data_overrides(root, args.per_class), "teacher1=resnet20", "teacher2=wrn_16_2", "student=resnet8",
+    common = [*data_overrides(root, args.per_class), "teacher1=resnet20", "teacher2=resnet14", "student=resnet8",
               f"experiment.num_stages={stages}",
               f"experiment.student_epochs_per_stage=[{','.join([str(args.epochs)] * stages)}]",
               f"experiment.teacher_adapt_epochs={args.a_epochs}", f"experiment.ib_epochs_per_stage={args.a_epochs}",
               "experiment.schedule.lr_warmup_epochs=1", "experiment.loss_clamp_warmup_epochs=1",
               "experiment.kd_warmup_epochs=1"]
+    if args.gate is not None:
+        common.append(f"experiment.enable_kd_after_syn_acc={args.gate}")
     results: dict[str, list[dict]] = {}
     for label, exp, extra in LADDER:
         for seed in args.seeds:
@@ -105,7 +107,7 @@ def ladder(args) -> None:
             m = distill(exp, over)
             results.setdefault(label, []).append(m)
             print(f"{label:>20} seed {seed}: val {m['val/best_acc']:.4f} test {m['test/acc']:.4f} "
-                  f"({m['wall_s']:.0f} s)", flush=True)
+                  f"({m['wall_s']:.0f} s) {gate_summary(m['run_id'])}", flush=True)
     print("\n| rung | val top-1 mean ± sd | test top-1 mean ± sd | seeds | wall s (mean) |")
     print("|---|---|---|---|---|")
     for label, runs in results.items():
@@ -114,6 +116,15 @@ def ladder(args) -> None:
         sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0)
         print(f"| {label} | {statistics.mean(val):.2f} ± {sd(val):.2f} | {statistics.mean(test):.2f} ± "
               f"{sd(test):.2f} | {len(runs)} | {statistics.mean(r['wall_s'] for r in runs):.0f} |")
+
+
+def gate_summary(run_id: str) -> str:
+    """Synergy accuracy and gate state of an ASIB run (what decides its KD target)."""
+    from mlflow.tracking import MlflowClient
+
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    keys = ("gate/syn_acc", "gate/open", "kd/syn_ratio")
+    return " ".join(f"{k}={metrics[k]:.3f}" for k in keys if k in metrics)
 
 
 def ladder_fixups(exp: str, stages: int, a_epochs: int) -> list[str]:
@@ -135,13 +146,15 @@ def main() -> None:
         p.add_argument("--work", default=None)
         p.add_argument("--per-class", type=int, default=500)
         p.add_argument("--teacher-per-class", type=int, default=1000)
-        p.add_argument("--teacher-epochs", type=int, default=15)
+        p.add_argument("--teacher-epochs", type=int, default=12)
         p.add_argument("--epochs", type=int, default=15 if name == "baselines" else 6)
     sub.choices["baselines"].add_argument("--methods", nargs="*")
     sub.choices["baselines"].add_argument("--seed", type=int, default=0)
     sub.choices["ladder"].add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     sub.choices["ladder"].add_argument("--stages", type=int, default=2)
     sub.choices["ladder"].add_argument("--a-epochs", type=int, default=2)
+    sub.choices["ladder"].add_argument("--gate", type=float, default=None,
+                                       help="enable_kd_after_syn_acc for every rung (default: the seed's)")
     args = parser.parse_args()
     baselines(args) if args.what == "baselines" else ladder(args)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from asib_core.config.reference import KEYS_FILE, STATUSES, KeySpec, load_reference
+from asib_core.config.reference import KEYS_FILE, KeySpec, load_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILE = ROOT / "docs" / "configuration.md"

@@ -284,3 +284,24 @@ def test_mlproject_report_entry_point():
     assert set(entry["parameters"]) == {"experiment", "filter", "group_by", "out"}
     assert entry["parameters"]["group_by"]["default"] == ",".join(KEYS)
     assert entry["command"].startswith("python -m pipelines.report ")
+
+
+def test_mlflow_run_report_entry_point(store):
+    """`mlflow run -e report` (MLflow quotes the filter; it logs the parameters itself)."""
+    import subprocess
+    import sys
+
+    from tests.pipeline_helpers import ROOT, env_for
+
+    out = store["work"] / "via_mlflow_run"
+    proc = subprocess.run([sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "-e", "report",
+                           "-P", "experiment=digits", "-P", "filter=tags.seed = '1'", "-P", f"out={out}"],
+                          cwd=store["work"], env=env_for(store["work"]), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              f"tags.step = 'report' and params.out = '{out}'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.metrics["n_runs"] == 2  # seed 1: one vanilla-KD run, one CE run
+    groups = pd.read_csv(out / "groups.csv")
+    assert sorted(groups["method"]) == ["ce", "vanilla_kd"] and set(groups["n"]) == {1}

@@ -22,6 +22,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -102,6 +103,72 @@ def test_storage_forms(tmp_path, monkeypatch):
     assert redact("postgresql://asib:secret@db:5432/optuna") == "postgresql://asib:***@db:5432/optuna"
 
 
+def _ask_and_tell(journal: str, n_trials: int, out) -> None:
+    """A worker without training: ask (under the ask lock) and finish trials at once."""
+    from asib_core.sweep import study as st
+
+    store = open_storage(journal)
+    study = optuna.load_study(study_name="race", storage=store.storage)
+    numbers = []
+    while (trial := st.ask_next(study, store, n_trials, st.worker_identity())) is not None:
+        study.tell(trial, trial.number * 0.01)
+        numbers.append(trial.number)
+    out.put(numbers)
+
+
+def test_the_ask_lock_keeps_concurrent_workers_at_the_exact_total(tmp_path):
+    import multiprocessing
+
+    journal = str(tmp_path / "race.log")
+    optuna.create_study(study_name="race", storage=open_storage(journal).storage, direction="maximize")
+    # fork: the children only touch optuna (no torch), and skip re-importing the test module
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_ask_and_tell, args=(journal, 24, out)) for _ in range(3)]
+    for proc in procs:
+        proc.start()
+    taken = [out.get(timeout=300) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    assert sorted(n for numbers in taken for n in numbers) == list(range(24))
+    assert len(optuna.load_study(study_name="race", storage=open_storage(journal).storage).trials) == 24
+
+
+def test_a_trial_left_running_by_a_dead_worker_is_failed_and_not_counted(tmp_path):
+    from asib_core.sweep import study as st
+
+    store = open_storage(str(tmp_path / "orphan.log"))
+    study = optuna.create_study(study_name="orphan", storage=store.storage, direction="maximize")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    orphan = study.ask()
+    orphan.set_user_attr(st.WORKER_ATTR, f"{socket.gethostname()}:{dead.stdout.strip()}:1.0")
+    alive = st.ask_next(study, store, 5, st.worker_identity())     # our own: still running
+    assert st.fail_orphans(study) == []                            # ask_next already failed the orphan
+    trials = study.get_trials()
+    assert trials[orphan.number].state == optuna.trial.TrialState.FAIL
+    assert trials[orphan.number].user_attrs[st.INTERRUPTED_ATTR] == "worker process died"
+    assert trials[alive.number].state == optuna.trial.TrialState.RUNNING
+    assert st.count_trials(study) == 1                             # the orphan gets a replacement
+
+
+def test_each_worker_takes_one_gpu_when_several_are_visible(monkeypatch):
+    from asib_core.sweep.runner import worker_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert worker_device({"device": "cuda"}, [], 1) == ([], "cpu (no CUDA device visible)")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: f"GPU{i}")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert worker_device({"device": "cuda"}, [], 4) == (["experiment.device=cuda:1"], "cuda:1 of 3 (GPU1)")
+    assert worker_device({"device": "auto"}, [], 0)[0] == ["experiment.device=cuda:0"]
+    assert worker_device({"device": "cpu"}, [], 2)[0] == []
+    assert worker_device({"device": "cuda:2"}, ["experiment.device=cuda:2"], 0)[0] == []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert worker_device({"device": "cuda"}, [], 3) == ([], "cuda:0 (GPU0)")
+
+
 def test_mlproject_sweep_entry_declares_the_issue_parameters():
     entry = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["sweep"]
     assert {"exp", "n_trials", "space", "study_name", "storage", "sampler_seed", "pruner", "overrides",
@@ -119,7 +186,8 @@ def home(tmp_path_factory):
     (work / "lr_positive.yaml").write_text(yaml.safe_dump(POSITIVE_LR_SPACE))
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME",
                                             "ASIB_ARTIFACT_ROOT")}
-    old_cwd = os.getcwd()
+    old_cwd, old_threads = os.getcwd(), torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared machine: one thread is several times faster
     os.chdir(work)
     for key in saved:
         os.environ.pop(key, None)
@@ -129,6 +197,7 @@ def home(tmp_path_factory):
         yield work
     finally:
         os.chdir(old_cwd)
+        torch.set_num_threads(old_threads)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -265,8 +334,9 @@ def test_user_errors_stop_before_any_trial(home):
 def _workers(home: Path, name: str, storage: str, n_trials: int, count: int = 2) -> list:
     args = ["exp=quickstart", f"space={home / 'lr_positive.yaml'}", f"n_trials={n_trials}", f"study_name={name}",
             f"storage={storage}", "pruner=none", "overrides=" + " ".join(FAST)]
+    env = env_for(home) | {"OMP_NUM_THREADS": "1"}  # the workers share the machine's cores
     procs = [subprocess.Popen([sys.executable, "-m", "pipelines.sweep", *args, f"worker={i}"], cwd=home,
-                              env=env_for(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(count)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for proc, out in zip(procs, outputs):

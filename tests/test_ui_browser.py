@@ -250,8 +250,8 @@ def test_compare_page_shows_a_metric_of_both_runs(server, tiny_store, browser, s
     for shown, value in zip(values, expected):  # the UI rounds (3 decimals / 4 significant digits)
         assert float(shown) == pytest.approx(value, abs=6e-4, rel=1e-3), (values, expected)
     _close_assistant(browser)
-    # bring the row on screen: the page to the metrics table, the table to the row; then the
-    # name and both values must sit side by side on the screen (same row, as a person sees it)
+    # for the screenshot: the page scrolled to the metrics table, the table to the row, with
+    # the name and both values side by side on the screen
     _wait(browser, lambda d: _show_metric_row(d, "test/acc"), "the test/acc row on screen, aligned")
     _screenshot(browser, shots / "compare_page.png")
 
@@ -267,12 +267,13 @@ def _show_metric_row(driver, name: str) -> bool:
             .find(g => g !== names && getComputedStyle(g).overflowY !== "hidden");
         if (!values) return false;
         names.scrollIntoView({block: "center"});
-        const top = parseFloat(cell.style.top);
-        if (Math.abs(values.scrollTop - top) > 1 && values.scrollHeight - values.clientHeight > values.scrollTop) {
-            values.scrollTop = top;
+        const top = Math.min(parseFloat(cell.style.top), values.scrollHeight - values.clientHeight);
+        if (Math.abs(values.scrollTop - top) > 1 || Math.abs(names.scrollTop - top) > 1) {
+            values.scrollTop = top;  // both columns of the table, as a person scrolls it
+            names.scrollTop = top;
             return false;  // look again after the grids re-render
         }
-        const y = link.getBoundingClientRect().top;
+        const y = cell.getBoundingClientRect().top;
         const shown = [...values.querySelectorAll("div")]
             .filter(c => c.style.top === cell.style.top && c.style.left !== "");
         return shown.length > 0 && shown.every(c => Math.abs(c.getBoundingClientRect().top - y) < 8);

@@ -51,5 +51,16 @@ def teacher_forward(teachers, x: torch.Tensor, needed: set[int]) -> list[dict | 
     return [teacher(x) if i in needed else None for i, teacher in enumerate(teachers)]
 
 
+def needed_teachers(cfg: dict, n_teachers: int, method: str, logit_term: bool) -> tuple[int, set[int]]:
+    """(feature teacher index, indices of every teacher a step must run) for a method with
+    a feature term on teacher ``kd_teacher_index`` and, when ``logit_term``, a KD term."""
+    t_index = selected_teacher(cfg, n_teachers)
+    needed = {t_index}
+    if logit_term:
+        check_logit_target(cfg, method)
+        needed |= logit_teachers(cfg, n_teachers)
+    return t_index, needed
+
+
 def teacher_logits(outs: list[dict | None]) -> list[torch.Tensor | None]:
     return [None if out is None else out["logit"] for out in outs]

@@ -33,15 +33,11 @@ import torch
 from asib_core.losses import CRDEmbed, CRDMemory, crd_nce_loss, soft_target_kd_loss
 
 from ._probe import (
-    check_logit_target,
-    logit_teachers,
-    probe_shapes,
-    teacher_forward,
-    teacher_logits,
+    needed_teachers, probe_shapes, teacher_forward, teacher_logits,
 )
 from .base import Batch, Distiller, TrainContext
 from .registry import register_method
-from .targets import selected_teacher, target_probs
+from .targets import target_probs
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +50,7 @@ _MEMORY_KEY = "memory.memory_s"
 class CRD(Distiller):
     def __init__(self, student, teachers, cfg):
         super().__init__(student, teachers, cfg)
-        self.t_index = selected_teacher(cfg, len(self.teachers))
-        self.needed = {self.t_index}
-        if self.kd_alpha != 0:
-            check_logit_target(cfg, self.name)
-            self.needed |= logit_teachers(cfg, len(self.teachers))
+        self.t_index, self.needed = needed_teachers(cfg, len(self.teachers), self.name, self.kd_alpha != 0)
         self.feat_dim = int(cfg.get("crd_feat_dim") or 128)
         self.nce_k = int(cfg.get("crd_nce_k") or 16384)
         self.nce_t = float(cfg.get("crd_nce_t") or 0.07)

@@ -40,16 +40,11 @@ from torch import nn
 from asib_core.losses import at_multi_layer_loss, reviewkd_hcl_loss, soft_target_kd_loss
 
 from ._probe import (
-    check_logit_target,
-    logit_teachers,
-    probe_shapes,
-    stage_count,
-    teacher_forward,
-    teacher_logits,
+    needed_teachers, probe_shapes, stage_count, teacher_forward, teacher_logits,
 )
 from .base import Batch, Distiller, TrainContext
 from .registry import register_method
-from .targets import selected_teacher, target_probs
+from .targets import target_probs
 
 #: official schedule: HCL weight ramps linearly over 20 of 240 epochs
 WARMUP_EPOCHS, REFERENCE_EPOCHS = 20, 240
@@ -96,11 +91,7 @@ def reviewkd_warmup(epoch: int, total_epochs: int) -> float:
 class ReviewKD(Distiller):
     def __init__(self, student, teachers, cfg):
         super().__init__(student, teachers, cfg)
-        self.t_index = selected_teacher(cfg, len(self.teachers))
-        self.needed = {self.t_index}
-        if self.kd_alpha != 0:
-            check_logit_target(cfg, self.name)
-            self.needed |= logit_teachers(cfg, len(self.teachers))
+        self.t_index, self.needed = needed_teachers(cfg, len(self.teachers), self.name, self.kd_alpha != 0)
         fw = cfg.get("feature_weight")
         self.feature_weight = DEFAULT_HCL_WEIGHT if fw is None else float(fw)
         aw = cfg.get("attention_weight")

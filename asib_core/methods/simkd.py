@@ -31,15 +31,11 @@ from torch import nn
 from asib_core.losses import simkd_loss, soft_target_kd_loss
 
 from ._probe import (
-    check_logit_target,
-    logit_teachers,
-    probe_shapes,
-    teacher_forward,
-    teacher_logits,
+    needed_teachers, probe_shapes, teacher_forward, teacher_logits,
 )
 from .base import Batch, Distiller, TrainContext
 from .registry import register_method
-from .targets import selected_teacher, target_probs
+from .targets import target_probs
 
 #: bottleneck factor of the projector (hidden width C_t / 2, as in the paper)
 PROJECTOR_FACTOR = 2
@@ -109,11 +105,7 @@ class SimKDDeployed(nn.Module):
 class SimKD(Distiller):
     def __init__(self, student, teachers, cfg):
         super().__init__(student, teachers, cfg)
-        self.t_index = selected_teacher(cfg, len(self.teachers))
-        self.needed = {self.t_index}
-        if self.kd_alpha != 0:
-            check_logit_target(cfg, self.name)
-            self.needed |= logit_teachers(cfg, len(self.teachers))
+        self.t_index, self.needed = needed_teachers(cfg, len(self.teachers), self.name, self.kd_alpha != 0)
         fw = cfg.get("feature_weight")
         self.feature_weight = 1.0 if fw is None else float(fw)
         teacher = self.teachers[self.t_index]

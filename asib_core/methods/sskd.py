@@ -43,10 +43,10 @@ from asib_core.losses import (
     sskd_transformed_kd,
 )
 
-from ._probe import check_logit_target, logit_teachers, probe_shapes, teacher_forward
+from ._probe import needed_teachers, probe_shapes, teacher_forward
 from .base import Batch, Distiller, TrainContext
 from .registry import register_method
-from .targets import selected_teacher, target_probs
+from .targets import target_probs
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,8 @@ def pretrain_epochs(cfg: dict, total_epochs: int) -> int:
 class SSKD(Distiller):
     def __init__(self, student, teachers, cfg):
         super().__init__(student, teachers, cfg)
-        self.t_index = selected_teacher(cfg, len(self.teachers))
-        check_logit_target(cfg, self.name)  # the transformed-image KD always reads kd_target
-        self.needed = {self.t_index} | logit_teachers(cfg, len(self.teachers))
+        # the transformed-image KD always reads kd_target
+        self.t_index, self.needed = needed_teachers(cfg, len(self.teachers), self.name, True)
         fw, cw = cfg.get("feature_weight"), cfg.get("contrastive_weight")
         self.tf_weight = 2.7 if fw is None else float(fw)
         self.ss_weight = 10.0 if cw is None else float(cw)

@@ -24,7 +24,7 @@ from asib_core.engine.loop import evaluate
 from asib_core.engine.optim import student_optimizer
 from asib_core.engine.runner import FitSpec, TrainingRun
 from asib_core.engine.schedules import build_epoch_scheduler
-from asib_core.engine.state import atomic_save, load_state
+from asib_core.engine.state import atomic_save
 from asib_core.methods import build_distiller, get_method
 from asib_core.tracking import configure_tracking, experiment_for, open_run
 from asib_core.tracking.params import log_config_params

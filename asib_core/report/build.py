@@ -180,9 +180,10 @@ def run_report(experiment: str | None = None, filter_string: str = "", group_by:
     name = f"report {report.out_dir.name}"
     with open_run(experiment=experiment_for(REPORT_EXPERIMENT), run_name=name, tags=tags) as run:
         client = MlflowClient()
-        mlflow.log_params({"experiment": experiment or "", "filter": filter_string or "",
-                           "group_by": ",".join(parse_group_by(group_by)), "out": str(report.out_dir)},
-                          run_id=run.run_id)
+        params = {"experiment": experiment or "", "filter": filter_string or "",
+                  "group_by": ",".join(parse_group_by(group_by)), "out": str(report.out_dir)}
+        logged = client.get_run(run.run_id).data.params  # `mlflow run` logged its parameters already
+        mlflow.log_params({k: v for k, v in params.items() if k not in logged}, run_id=run.run_id)
         run.log_metrics({"n_runs": len(report.runs), "n_groups": len(report.groups)}, step=0)
         client.log_artifacts(run.run_id, str(report.out_dir))
         log.info("report %s: %d runs, %d groups -> %s", run.run_id, len(report.runs), len(report.groups),

@@ -203,11 +203,13 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
     result = SweepResult(parent_run_id="", study_name=name, storage=store.description, device=device)
     with open_run(experiment=experiment_for(cfg["dataset"]["name"]), run_name=title, tags=tags) as parent:
         result.parent_run_id = parent.run_id
-        mlflow.log_params({"exp": settings.exp, "space": space.name, "n_trials": int(settings.n_trials),
-                           "study_name": name, "storage": store.description, "pruner": settings.pruner,
-                           "sampler": space.sampler["name"], "sampler_seed": int(settings.sampler_seed),
-                           "overrides": " ".join(settings.overrides)[:6000], "worker": int(settings.worker)},
-                          run_id=parent.run_id)
+        # the effective settings ("sweep." keys: `mlflow run` logs its raw parameters unprefixed)
+        mlflow.log_params({f"sweep.{k}": v for k, v in {
+            "exp": settings.exp, "space": space.name, "space_source": space.source,
+            "n_trials": int(settings.n_trials), "study_name": name, "storage": store.description,
+            "pruner": settings.pruner, "sampler": space.sampler["name"], "sampler_seed": int(settings.sampler_seed),
+            "overrides": " ".join(settings.overrides)[:6000], "worker": int(settings.worker)}.items()},
+            run_id=parent.run_id)
         experiment_name = MlflowClient().get_experiment(parent.experiment_id).name
         state_root = Path(cfg.get("checkpoint_dir") or "checkpoints/runs") / f"sweep-{safe_name(name)}"
         trials = TrialRunner(settings, space, study, parent.run_id, device_overrides, name, state_root)

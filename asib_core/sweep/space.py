@@ -65,8 +65,10 @@ class Derived:
 
     def value(self, params: dict) -> float:
         value = _evaluate(self.tree.body, params, self.name)
-        # 12 significant digits: 1 - 0.7234 gives 0.2766, not 0.27659999999999996
-        return float(f"{value:.12g}") if isinstance(value, float) else value
+        if isinstance(self.tree.body, ast.Name) or not isinstance(value, float):
+            return value                     # a copy (tau_start: tau) stays exactly equal
+        # computed: 12 significant digits, so 1 - 0.7234 gives 0.2766, not 0.27659999999999996
+        return float(f"{value:.12g}")
 
 
 @dataclass
