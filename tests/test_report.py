@@ -213,7 +213,7 @@ def test_ladder_table_difference_to_l0(store, tmp_path):
         assert row["train_time_s_mean"] == pytest.approx(np.mean([100.0 * s for s in seeds]))
     md = (tmp_path / "ladder" / "ladder.md").read_text()
     l1 = ladder[ladder["level"] == "L1"].iloc[0]
-    assert f"| L1 | L1_ib | 3 | 1,2,3 |" in md and f"{l1['delta_test_top1']:+.2f}" in md
+    assert "| L1 | L1_ib | 3 | 1,2,3 |" in md and f"{l1['delta_test_top1']:+.2f}" in md
     assert rep.skipped == {"distill/FAILED": 1, "distill (sweep trial)/FINISHED": 1}
     # the baselines table has the ASIB column when asib runs exist
     assert "| ASIB |" in (tmp_path / "ladder" / "baselines.md").read_text()

@@ -58,9 +58,19 @@ def test_shipped_spaces_load_and_fit_their_experiments():
     assert (cfg["ib_beta"], cfg["kd_alpha"], cfg["ce_alpha"]) == (3.3e-4, 0.7234, 0.2766)
     with pytest.raises(ConfigError, match="strict_mode"):
         resolve_experiment("L1_ib", ["experiment.strict_mode=true", "experiment.kd_alpha=0.7234"])
+    from asib_core.sweep.runner import preflight
+
     tau_lr = load_space("tau_lr")
-    assert set(tau_lr.param_names) == {"tau", "student_lr", "feat_kd_alpha"}
-    resolve_experiment("L1_ib", tau_lr.overrides(tau_lr.probe_values(-1)))
+    assert set(tau_lr.param_names) == {"tau", "student_lr"}
+    for exp in ("quickstart", "L1_ib"):   # every searched key reaches the run with its value
+        preflight(SweepSettings(exp=exp, space="tau_lr"), tau_lr)
+        cfg = resolve_experiment(exp, tau_lr.overrides(tau_lr.complete({"tau": 2.345678901, "student_lr": 0.01}))).cfg
+        assert cfg["tau_start"] == cfg["tau_end"] == cfg["tau"] == 2.345678901
+    # a space over a key the experiment's method does not use is refused before any trial
+    feat = parse_space("feat", "inline", {"params": {"feat_kd_alpha": {"type": "float", "low": 0.1, "high": 0.5}}})
+    preflight(SweepSettings(exp="L1_ib", space="feat"), feat)
+    with pytest.raises(ConfigError, match="feat_kd_alpha"):
+        preflight(SweepSettings(exp="quickstart", space="feat"), feat)
 
 
 def test_sweep_values_reach_the_config_exactly():
@@ -108,12 +118,14 @@ def _ask_and_tell(journal: str, n_trials: int, out) -> None:
     from asib_core.sweep import study as st
 
     store = open_storage(journal)
-    study = optuna.load_study(study_name="race", storage=store.storage)
-    numbers = []
-    while (trial := st.ask_next(study, store, n_trials, st.worker_identity())) is not None:
-        study.tell(trial, trial.number * 0.01)
-        numbers.append(trial.number)
-    out.put(numbers)
+    study = optuna.load_study(study_name=Path(journal).stem, storage=store.storage)
+    taken = []
+    while (trial := st.ask_next(study, store, n_trials, st.worker_identity(),
+                                make_sampler=lambda seed: optuna.samplers.RandomSampler(seed=seed))) is not None:
+        x = trial.suggest_float("x", 0.0, 1.0)
+        study.tell(trial, x)
+        taken.append((trial.number, x))
+    out.put(taken)
 
 
 def test_the_ask_lock_keeps_concurrent_workers_at_the_exact_total(tmp_path):
@@ -121,6 +133,7 @@ def test_the_ask_lock_keeps_concurrent_workers_at_the_exact_total(tmp_path):
 
     journal = str(tmp_path / "race.log")
     optuna.create_study(study_name="race", storage=open_storage(journal).storage, direction="maximize")
+    # three workers with the same sampler seed (even the same worker index)
     # fork: the children only touch optuna (no torch), and skip re-importing the test module
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     out = ctx.Queue()
@@ -131,8 +144,15 @@ def test_the_ask_lock_keeps_concurrent_workers_at_the_exact_total(tmp_path):
     for proc in procs:
         proc.join(timeout=60)
         assert proc.exitcode == 0
-    assert sorted(n for numbers in taken for n in numbers) == list(range(24))
+    assert sorted(n for pairs in taken for n, _ in pairs) == list(range(24))
     assert len(optuna.load_study(study_name="race", storage=open_storage(journal).storage).trials) == 24
+    assert len({x for pairs in taken for _, x in pairs}) == 24, "every trial draws from its own seed"
+    # one worker on a fresh study draws the same values again (seeds depend on the trial count)
+    first, second = tmp_path / "again1.log", tmp_path / "again2.log"
+    for path in (first, second):
+        optuna.create_study(study_name=path.stem, storage=open_storage(str(path)).storage, direction="maximize")
+        _ask_and_tell(str(path), 5, out)
+    assert out.get(timeout=10) == out.get(timeout=10)
 
 
 def test_a_trial_left_running_by_a_dead_worker_is_failed_and_not_counted(tmp_path):
@@ -324,11 +344,34 @@ def test_user_errors_stop_before_any_trial(home):
     for bad in ({"pruner": "sometimes"}, {"space": "nope"}, {"n_trials": "0"},
                 {"overrides": "experiment.student_lr=0.1"},                 # a key the space searches
                 {"overrides": "anchor=fair_baseline", "space": "default"},  # the anchor fixes kd_alpha
+                {"space": "default"},                                        # KD without teachers
                 {"storage": "postgresql+psycopg2://nobody@127.0.0.1:9/none"}):
         with pytest.raises(SystemExit) as info:
             main([f"{k}={v}" for k, v in (good | bad).items()])
         assert info.value.code == 2, bad
     assert not study_runs("never")
+
+
+def test_an_interrupted_trial_is_recorded_and_replaced_on_resume(home, monkeypatch):
+    import asib_core.pipeline.distill as distill
+    from asib_core.sweep import study as st
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill, "run_distill", interrupted)
+    settings = SweepSettings(exp="quickstart", space=str(home / "lr_positive.yaml"), n_trials=2,
+                             study_name="ctrl-c", overrides=list(FAST))
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(settings)
+    study = optuna.load_study(study_name="ctrl-c", storage=open_storage("").storage)
+    (trial,) = study.get_trials()
+    assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs[st.INTERRUPTED_ATTR]
+    assert st.count_trials(study) == 0
+    (run,) = trial_runs("ctrl-c")
+    assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "FAIL"
+    parent = MlflowClient().get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "KILLED"
 
 
 def _workers(home: Path, name: str, storage: str, n_trials: int, count: int = 2) -> list:
@@ -392,8 +435,11 @@ def postgres_url():
     as_root = os.geteuid() == 0
     base = Path(tempfile.mkdtemp(prefix="asib-pg-"))
     prefix: list = []
-    if as_root:  # the server refuses to run as root
-        user = pwd.getpwnam("postgres")
+    if as_root:  # the server refuses to run as root: run it as Debian's `postgres` user
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.fail("PostgreSQL binaries found but no `postgres` user to run the server as (root cannot)")
         os.chown(base, user.pw_uid, user.pw_gid)
         prefix = ["runuser", "-u", "postgres", "--"] if shutil.which("runuser") else None
     port = _free_port()

@@ -112,9 +112,9 @@ def normalize(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _column(df: pd.DataFrame, name: str, default=""):
+    """A column of the search result with missing values (or the whole column) set to default."""
     if name in df.columns:
-        col = df[name]
-        return col.where(col.notna(), default) if default is not None else col
+        return df[name].where(df[name].notna(), default)
     return pd.Series([default] * len(df), index=df.index, dtype=object if isinstance(default, str) else None)
 
 

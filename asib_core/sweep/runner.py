@@ -189,9 +189,8 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
         MlflowClient().search_experiments(max_results=1)
     check_teachers(cfg)
     signature = st.Signature(exp=settings.exp, overrides=list(settings.overrides), params=space.param_names)
-    study = st.open_study(store, name, signature, sampler=None, pruner=pruner)
-    seed = st.sampler_seed(settings.sampler_seed, settings.worker, st.count_trials(study))
-    study.sampler = st.build_sampler(space, seed)
+    study = st.open_study(store, name, signature, sampler=st.build_sampler(space, settings.sampler_seed),
+                          pruner=pruner)
     device_overrides, device = worker_device(cfg, settings.overrides, settings.worker)
     log.info("sweep worker %d: study '%s' in %s, %d/%d trials so far; trials run on %s",
              settings.worker, name, store.description, st.count_trials(study), settings.n_trials, device)
@@ -216,7 +215,9 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
         identity = st.worker_identity()
         with trial_environment(experiment_name):
             while True:
-                trial = st.ask_next(study, store, int(settings.n_trials), identity)
+                trial = st.ask_next(study, store, int(settings.n_trials), identity,
+                                    make_sampler=lambda seed: st.build_sampler(space, seed),
+                                    seed=settings.sampler_seed)
                 if trial is None:
                     break
                 result.outcomes.append(trials.run(trial))
@@ -288,7 +289,8 @@ class TrialRunner:
             state, error = "PRUNED", str(exc)
         except KeyboardInterrupt:
             trial.set_user_attr(st.INTERRUPTED_ATTR, "interrupted (KeyboardInterrupt)")
-            self._record(trial, uid, "FAIL", values, overrides, seen.get("run_id"), "interrupted (KeyboardInterrupt)")
+            self._record(trial, uid, "FAIL", values, overrides, seen.get("run_id"), "interrupted (KeyboardInterrupt)",
+                         status="KILLED")
             self.study.tell(trial, state=TrialState.FAIL)
             raise
         except Exception as exc:  # noqa: BLE001 - a failing trial is recorded; the sweep goes on
@@ -307,7 +309,7 @@ class TrialRunner:
                             run_id=run_id, error=error)
 
     def _record(self, trial, uid: str, state: str, values: dict, overrides: list, run_id: str | None,
-                error: str | None) -> str:
+                error: str | None, status: str = "FAILED") -> str:
         """Trial params, state and config hash on the trial's MLflow run (made here, FAILED, when
         the trial failed before its distillation run started)."""
         from mlflow.entities import Param
@@ -315,7 +317,7 @@ class TrialRunner:
         client = MlflowClient()
         run_id = run_id or self._find_run(uid)
         if run_id is None:
-            run_id = self._failed_run(trial.number, uid, error)
+            run_id = self._failed_run(trial.number, uid, error, status)
         tags = client.get_run(run_id).data.tags
         sha = tags.get("config_sha256")
         if not sha and overrides:
@@ -340,7 +342,7 @@ class TrialRunner:
         runs = client.search_runs(ids, f"tags.`sweep.trial_uid` = '{uid}'", max_results=1) if ids else []
         return runs[0].info.run_id if runs else None
 
-    def _failed_run(self, number: int, uid: str, error: str | None) -> str:
+    def _failed_run(self, number: int, uid: str, error: str | None, status: str) -> str:
         client = MlflowClient()
         parent = client.get_run(self.parent_run_id)
         tags = {"mlflow.parentRunId": self.parent_run_id, "optuna.study_name": self.study_name,
@@ -348,7 +350,7 @@ class TrialRunner:
                 "exp": self.settings.exp, "sweep.worker": str(self.settings.worker),
                 "asib.error": (error or "failed before the run started")[:5000]}
         run = client.create_run(parent.info.experiment_id, run_name=f"{self.study_name} trial {number}", tags=tags)
-        client.set_terminated(run.info.run_id, "FAILED")
+        client.set_terminated(run.info.run_id, status)
         return run.info.run_id
 
 

@@ -172,7 +172,8 @@ def parse_space(name: str, source: str, raw: dict) -> SearchSpace:
     if not isinstance(params_raw, dict) or not params_raw:
         raise ConfigError(f"{where}: 'params' must map at least one parameter name to its distribution.")
     params = [_parse_param(where, pname, spec) for pname, spec in params_raw.items()]
-    derived = [_parse_derived(where, dname, expr, set(params_raw)) for dname, expr in (raw.get("derived") or {}).items()]
+    derived = [_parse_derived(where, dname, expr, set(params_raw))
+               for dname, expr in (raw.get("derived") or {}).items()]
     names = [p.name for p in params] + [d.name for d in derived]
     keys = [p.key for p in params] + [d.key for d in derived]
     for group in (names, keys):

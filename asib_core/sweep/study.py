@@ -72,10 +72,12 @@ def build_pruner(name: str, space: SearchSpace, total_epochs: int):
     return optuna.pruners.NopPruner()
 
 
-def sampler_seed(base_seed: int, worker: int, existing: int) -> int:
-    """Distinct per worker, and fresh for a resumed study (its first samples are not repeated)."""
+def sampler_seed(base_seed: int, *position: int) -> int:
+    """The seed of the sampler for the trial asked at ``position`` (the study's trial counts at
+    that moment, unique under the ask lock): a fresh single-worker study is reproducible, no two
+    trials of any workers share a seed, and a resumed study does not repeat its first draws."""
     import numpy as np
-    return int(np.random.SeedSequence([int(base_seed), int(worker), int(existing)]).generate_state(1)[0])
+    return int(np.random.SeedSequence([int(base_seed), *map(int, position)]).generate_state(1)[0])
 
 
 @dataclass
@@ -147,12 +149,19 @@ def fail_orphans(study) -> list[int]:
     return failed
 
 
-def ask_next(study, store: StudyStorage, n_trials: int, identity: str):
-    """The next trial of this worker, or None once the study holds n_trials counted trials."""
+def ask_next(study, store: StudyStorage, n_trials: int, identity: str, make_sampler=None, seed: int = 0):
+    """The next trial of this worker, or None once the study holds n_trials counted trials.
+
+    ``make_sampler(seed)`` builds the sampler of this trial (samplers read the study's history from
+    the storage, so a fresh one per trial loses nothing), seeded from ``seed`` and the study's
+    trial counts."""
     with store.ask_lock(study.study_name):
         fail_orphans(study)
-        if count_trials(study) >= n_trials:
+        done = count_trials(study)
+        if done >= n_trials:
             return None
+        if make_sampler is not None:
+            study.sampler = make_sampler(sampler_seed(seed, len(study.get_trials(deepcopy=False)), done))
         trial = study.ask()
         trial.set_user_attr(WORKER_ATTR, identity)
         return trial
