@@ -237,7 +237,11 @@ class TrainingRun:
             if self.tracker is not None and self.dist.is_main:
                 self.tracker.set_tags({"asib.safe_retry": str(first)[:500]})
             self.log_metrics({"safe_retry": float(retries)})
-            self._one_epoch()
+            try:
+                self._one_epoch()
+            except NonFiniteLoss as second:
+                raise RuntimeError(f"SAFE-RETRY failed: the loss became non-finite again after "
+                                   f"the retry ({second}). The run stops.") from second
 
     def _one_epoch(self) -> None:
         st, spec = self.state, self.spec
