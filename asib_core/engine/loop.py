@@ -71,7 +71,7 @@ def train_epoch(step: Callable, loader, optimizer, params, precision: Precision,
             total = total * float("nan")
         if not torch.isfinite(total):
             raise NonFiniteLoss(f"non-finite loss at batch {i} of epoch {settings.epoch}: "
-                                + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items()))
+                                + ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items()))
         total, was_clamped = loss_clamp(total, settings.clamp_cfg, settings.epoch)
         clamped += int(was_clamped)
         optimizer.zero_grad(set_to_none=True)
