@@ -102,6 +102,8 @@ def ladder(args) -> None:
         common.append(f"experiment.enable_kd_after_syn_acc={args.gate}")
     results: dict[str, list[dict]] = {}
     for label, exp, extra in LADDER:
+        if args.rungs and not any(r in label for r in args.rungs):
+            continue
         for seed in args.seeds:
             over = [*common, *extra, f"experiment.seed={seed}", *ladder_fixups(exp, stages, args.a_epochs)]
             m = distill(exp, over)
@@ -153,6 +155,7 @@ def main() -> None:
     sub.choices["ladder"].add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     sub.choices["ladder"].add_argument("--stages", type=int, default=2)
     sub.choices["ladder"].add_argument("--a-epochs", type=int, default=2)
+    sub.choices["ladder"].add_argument("--rungs", nargs="*", help="only rungs whose label contains one of these")
     sub.choices["ladder"].add_argument("--gate", type=float, default=None,
                                        help="enable_kd_after_syn_acc for every rung (default: the seed's)")
     args = parser.parse_args()

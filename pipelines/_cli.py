@@ -62,8 +62,14 @@ def relaunch_distributed(argv: list[str], module: str) -> None:
 @contextlib.contextmanager
 def user_errors():
     """Turn user errors (bad config, missing data/checkpoint) into exit code 2."""
+    import signal
+
     from asib_core.config.errors import ConfigError, ConfigLockError
 
+    def _terminate(signum, frame):  # `kill` / a scheduler's stop: end the run KILLED, not RUNNING
+        raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+    signal.signal(signal.SIGTERM, _terminate)
     enter_workdir()
     try:
         yield
