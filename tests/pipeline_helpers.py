@@ -38,3 +38,12 @@ def all_runs(workdir: Path):
 
 def runs_by_step(workdir: Path, step: str):
     return [r for r in all_runs(workdir) if r.data.tags.get("step") == step]
+
+
+def use_isolated_store(mp, workdir: Path) -> None:
+    """Point cwd and MLflow at ``workdir`` (its own sqlite store) inside a MonkeyPatch context."""
+    mp.chdir(workdir)
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'mlflow.db'}")
+    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        mp.delenv(key, raising=False)
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])

@@ -9,7 +9,6 @@ on runs written directly to the store with the project's tag and metric names.
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.pipeline_helpers import TINY_DISTILL
+from tests.pipeline_helpers import TINY_DISTILL, use_isolated_store
 
 TINY_TEACHER = ["finetune_epochs=1", "dataset.train_per_class=20"]
 KEYS = ("exp", "method", "teachers", "student")
@@ -34,19 +33,13 @@ def _acc(exp: str, seed: int) -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    import mlflow
-
     from asib_core.pipeline.distill import run_distill
     from asib_core.pipeline.evaluate import run_evaluate
     from asib_core.pipeline.finetune import run_finetune
 
     work = tmp_path_factory.mktemp("report")
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(work)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
-        for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
-            mp.delenv(key, raising=False)
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        use_isolated_store(mp, work)
         runs = {"ft": [run_finetune("resnet20", "digits", TINY_TEACHER),
                        run_finetune("wrn_16_2", "digits", TINY_TEACHER)]}
         runs["kd"] = [run_distill("quickstart", TINY_DISTILL + [f"experiment.seed={s}"]) for s in (1, 2)]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline_helpers import TINY_DISTILL
+from tests.pipeline_helpers import TINY_DISTILL, use_isolated_store
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -60,18 +60,13 @@ def _post(url: str, body: dict) -> dict:
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory):
     """Two FINISHED distill runs (method ce, seeds 1 and 2) in a fresh sqlite store."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from asib_core.pipeline.distill import run_distill
 
     work = tmp_path_factory.mktemp("ui")
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(work)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
-        for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
-            mp.delenv(key, raising=False)
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        use_isolated_store(mp, work)
         results = [run_distill("quickstart", TINY_DISTILL + [f"experiment.seed={s}", "method=ce"]) for s in (1, 2)]
         client = MlflowClient()
         runs = [client.get_run(r.run_id) for r in results]
