@@ -412,3 +412,73 @@ def test_a_step_and_b_step_losses_stay_float32_under_bfloat16_autocast(tmp_path)
         assert value.dtype == torch.float32 and torch.isfinite(value.detach())
     sum(b_losses.values()).backward()
     assert d.student.layer1[0].conv1.weight.grad is not None
+
+
+# -- the teachers' validation features, computed once per run -----------------------------
+def test_validation_synergy_reuses_the_teachers_features_and_matches_a_live_pass(trained_a_step):
+    run, d = trained_a_step["run"], trained_a_step["d"]
+    calls = []
+    hooks = [t.register_forward_hook(lambda *_: calls.append(1)) for t in d.teachers]
+    cache = d.val_teacher_cache
+    try:
+        cached = synergy_accuracy(d, run.val_loader)        # the A-step filled the cache
+        assert calls == []
+        d.val_teacher_cache = None
+        live = synergy_accuracy(d, run.val_loader)
+        assert len(calls) == len(d.teachers) * len(run.val_loader)
+    finally:
+        d.val_teacher_cache = cache
+        for h in hooks:
+            h.remove()
+    assert cached == live
+
+
+class _CountingTeacher(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return {"feat_2d": x.flatten(1) * 2.0}
+
+
+def test_teacher_feature_cache_replays_rebuilds_on_other_samples_and_gives_up_past_its_limit():
+    from asib_core.methods.asib.teacher_cache import TeacherFeatureCache
+
+    def autocast():
+        return torch.autocast("cpu", enabled=False)
+
+    loader = [(torch.full((4, 3), float(i)), torch.arange(4) + i, None) for i in range(3)]
+    teacher, cache = _CountingTeacher(), TeacherFeatureCache()
+    first = [f[0] for _, _, f in cache.batches(loader, [teacher], autocast)]
+    again = [f[0] for _, _, f in cache.batches(loader, [teacher], autocast)]
+    assert teacher.calls == 3 and all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(torch.equal(f, x.flatten(1) * 2.0) for f, (x, _, _) in zip(again, loader))
+    loader[1] = (torch.full((4, 3), 7.0), torch.arange(4) + 7, None)       # other samples, same loader
+    changed = [f[0] for _, _, f in cache.batches(loader, [teacher], autocast)]
+    assert torch.equal(changed[1], torch.full((4, 3), 14.0)) and teacher.calls == 5   # batches 2 and 3 live
+    small, teacher2 = TeacherFeatureCache(max_bytes=60), _CountingTeacher()
+    for _ in range(2):
+        list(small.batches(loader, [teacher2], autocast))
+    assert teacher2.calls == 6 and small.nbytes == 0
+
+
+def test_a_scratch_student_frozen_by_ppf_from_the_first_stage_is_warned_about(caplog):
+    from asib_core.methods import build_distiller
+    from asib_core.models import create_model
+    from asib_core.pipeline.models import build_student
+
+    def build(cfg):
+        caplog.clear()
+        teachers = [create_model(n, num_classes=10, distill_out_dim=cfg["distill_out_dim"])
+                    for n in ("resnet20", "wrn_16_2")]
+        with caplog.at_level("WARNING", logger="asib_core.methods.asib.distiller"):
+            build_distiller(cfg, build_student(cfg, 10), teachers)
+        return [r.getMessage() for r in caplog.records if "trained from scratch" in r.getMessage()]
+
+    l0 = asib_cfg("L0_baseline")                       # the method file's use_partial_freeze / level 1
+    assert l0["use_partial_freeze"] is True and l0["student_freeze_level"] == 1
+    assert len(build(l0)) == 1
+    assert build(asib_cfg("L0_baseline", ["experiment.use_partial_freeze=false"])) == []
+    assert build(asib_cfg("L4_full")) == []           # its schedule starts at -1

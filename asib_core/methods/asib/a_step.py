@@ -108,17 +108,24 @@ def a_step_losses(distiller, batch, stage: int, epoch: int):
 @torch.no_grad()
 def synergy_accuracy(distiller, loader, precision=None) -> float:
     """Top-1 accuracy of ``head(mu)`` on ``loader`` with every module in eval mode; the
-    previous train/eval modes are restored afterwards. NaN for an empty loader."""
+    previous train/eval modes are restored afterwards. NaN for an empty loader. The teachers'
+    features come from the distiller's ``val_teacher_cache`` when it has one (teacher_cache.py)."""
+
+    def autocast():
+        return precision.autocast() if precision is not None else torch.autocast("cpu", enabled=False)
+
     modules = [distiller.student, *distiller.teachers, distiller.ib_mbm, distiller.synergy_head]
     modes = [[m.training for m in mod.modules()] for mod in modules]
     for mod in modules:
         mod.eval()
     correct = seen = 0
+    cache = getattr(distiller, "val_teacher_cache", None)
+    batches = (cache.batches(loader, distiller.teachers, autocast) if cache is not None
+               else ((x, y, None) for x, y, *_ in loader))
     try:
-        for x, y, *_ in loader:
-            ctx = precision.autocast() if precision is not None else torch.autocast("cpu", enabled=False)
-            with ctx:
-                logits = distiller.synergy_logits(x)
+        for x, y, feats in batches:
+            with autocast():
+                logits = distiller.synergy_logits(x, feats)
             correct += int((logits.float().argmax(1) == y).sum())
             seen += int(y.shape[0])
     finally:

@@ -47,6 +47,7 @@ from . import ppf
 from .a_step import AStep, synergy_accuracy
 from .ib_mbm import IBMBM, SynergyHead
 from .settings import ASIBSettings
+from .teacher_cache import TeacherFeatureCache
 from .targets import GateState, auto_choice, ensemble_target, kd_vector, synergy_target, teacher_mask
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ class ASIB(Distiller):
         self.gate = GateState(threshold=s.gate_threshold)
         self._ppf_stage = -1
         self._frozen_bn: list[nn.Module] = []
+        #: the teachers' validation features, kept while their backbones cannot change
+        self.val_teacher_cache = None if s.use_teacher_finetuning else TeacherFeatureCache()
         self.ib_mbm: IBMBM | None = None
         self.synergy_head: SynergyHead | None = None
         if s.needs_ib_mbm:
@@ -136,6 +139,14 @@ class ASIB(Distiller):
 
     def _warn_about_config(self) -> None:
         s = self.settings
+        first = s.freeze_level("student", 0)
+        if first >= 0 and not (self.cfg.get("model", {}).get("student", {}) or {}).get("pretrained"):
+            log.warning("ASIB: PPF freezes the student at level %d from the first stage, but the student is "
+                        "trained from scratch (pretrained: false): its frozen layers keep their random "
+                        "initialisation for that stage. (In the seed, method/asib.yaml sets "
+                        "use_partial_freeze: true, student_freeze_level: 1 for every experiment that leaves "
+                        "them unset, e.g. L0-L3.) Set experiment.use_partial_freeze=false, or a schedule that "
+                        "starts at -1 as L4 does, to train the whole student.", first)
         if s.adapt_epochs > 0 and not s.synergy_consumed:
             log.warning("ASIB: the A-step trains the synergy, but the B-step never uses it (kd_target=%s, "
                         "feat_kd_alpha=0): the A-step (IB, CCCP) cannot change the student in this run.",
@@ -182,11 +193,19 @@ class ASIB(Distiller):
                     tokens.append(self._token(teacher(x)))
         return tokens
 
+    def tokens_from_features(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The teacher tokens of already computed backbone features ``feat_2d`` (the same
+        values :meth:`teacher_tokens` gives in eval mode)."""
+        return [f if getattr(t, "distill_adapter", None) is None else t.distill_adapter(f)
+                for t, f in zip(self.teachers, feats)]
+
     @torch.no_grad()
-    def synergy_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Evaluation synergy prediction ``head(mu)`` (callers set eval mode)."""
+    def synergy_logits(self, x: torch.Tensor, teacher_feats: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Evaluation synergy prediction ``head(mu)`` (callers set eval mode); with
+        ``teacher_feats`` (the teachers' ``feat_2d`` of ``x``) the teacher backbones do not run."""
         query = self.student(x)[self.settings.feat_kd_key]
-        ib = self.ib_mbm(query, self.teacher_tokens(x), sample=False)
+        tokens = self.teacher_tokens(x) if teacher_feats is None else self.tokens_from_features(teacher_feats)
+        ib = self.ib_mbm(query, tokens, sample=False)
         return self.synergy_head(ib.mu)
 
     # -- PPF -----------------------------------------------------------------------
