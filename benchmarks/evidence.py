@@ -202,7 +202,8 @@ def sweep(args) -> None:
           f"{100 * default['test/acc']:.2f} | - | {int(default['epochs_trained'])} | {default['wall_s']:.0f} |")
     for pruner, counts, value, test, params, epochs, wall, _, _ in rows:
         shown = ", ".join(f"{k}={v:.3g}" for k, v in params.items())
-        print(f"| pruner {pruner} | {counts} | {100 * value:.2f} | {100 * test:.2f} | {shown} | {epochs} | {wall:.0f} |")
+        states = ", ".join(f"{n} {k.lower()}" for k, n in counts.items() if n)
+        print(f"| pruner {pruner} | {states} | {100 * value:.2f} | {100 * test:.2f} | {shown} | {epochs} | {wall:.0f} |")
 
 
 def main() -> None:
