@@ -5,12 +5,13 @@ student (resnet8), same data (a balanced subset of the real CIFAR-10 JPEGs, a va
 split a ninth of the training images as in CIFAR-100's 45k/5k), all through `distill`.
 L4 keeps the seed's ratio of A-step to B-step epochs (6 : 20 per stage) by default.
 
-    python benchmarks/bench_asib_cost.py [--per-class 200] [--stages 2] [--epochs 10] [--a-epochs 3] [--rounds 2]
+    python benchmarks/bench_asib_cost.py [--per-class 100] [--stages 2] [--epochs 10] [--a-epochs 3] [--rounds 2]
 
-A shared machine's speed drifts by up to 2x over minutes, so the three runs are
+A shared machine's speed drifts by up to 2x over minutes, so the four runs are
 interleaved in ``--rounds`` rounds (order rotated, after an untimed warm-up run) and each
-figure is the median over rounds of the per-round ratio. Prints seconds per B-step (student) epoch of L4 (gate forced
-open: the synergy teaches every sample) and of vanilla KD and their ratio (goal <= 1.15),
+figure is the median over rounds of the per-round ratio. Prints seconds per B-step
+(student) epoch of L4 (gate forced open: the synergy teaches every sample) and of vanilla
+KD and their ratio (goal <= 1.15),
 and the wall time of the whole L4 run against the whole L0 run at equal student epochs
 (goal <= 1.5; the reference implementation took about 3x). L4 runs as configured (its PPF
 freezes most of the student in the later stages) and without PPF (every student parameter
@@ -108,6 +109,7 @@ def main() -> None:
         ratios = [o[num][key] / o[den][key] for o in rounds]
         print(f"{what:>12}, {num:>8} / {den:<10}: {statistics.median(ratios):.3f} (goal <= {goal}; rounds: "
               f"{', '.join(f'{x:.3f}' for x in ratios)})")
+
 
 if __name__ == "__main__":
     main()

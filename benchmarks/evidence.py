@@ -54,8 +54,22 @@ SPLIT_SEED = 42
 def data_overrides(root: Path, per_class: int) -> list[str]:
     return ["dataset=imagefolder", f"experiment.dataset.root={root}",
             f"experiment.dataset.train_per_class={per_class}", "experiment.dataset.batch_size=128",
-            "experiment.dataset.val_split=0.1", f"experiment.dataset.split_seed={SPLIT_SEED}", "experiment.eval_batch_size=128", "experiment.device=auto",
-            "experiment.use_amp=false"]
+            "experiment.dataset.val_split=0.1", f"experiment.dataset.split_seed={SPLIT_SEED}",
+            "experiment.eval_batch_size=128", "experiment.device=auto", "experiment.use_amp=false"]
+
+
+#: short schedules' warm-ups (the seed's are sized for 20-epoch stages)
+SHORT_WARMUPS = ["experiment.schedule.lr_warmup_epochs=1", "experiment.loss_clamp_warmup_epochs=1",
+                 "experiment.kd_warmup_epochs=1"]
+
+
+def two_teacher_setup(args) -> list[str]:
+    """Enter the work directory, fine-tune resnet20 and resnet14 once, and return the overrides
+    of every ladder and sweep run: data, the two teachers, student resnet8."""
+    root = extracted_root()
+    enter(Path(args.work or "evidence").resolve())
+    teachers(root, ["resnet20", "resnet14"], args.teacher_per_class, args.teacher_epochs)
+    return [*data_overrides(root, args.per_class), "teacher1=resnet20", "teacher2=resnet14", "student=resnet8"]
 
 
 def teachers(root: Path, names: list[str], per_class: int, epochs: int) -> None:
@@ -98,15 +112,9 @@ def baselines(args) -> None:
 
 
 def ladder(args) -> None:
-    root = extracted_root()
-    enter(Path(args.work or "evidence").resolve())
-    teachers(root, ["resnet20", "resnet14"], args.teacher_per_class, args.teacher_epochs)
     stages = args.stages
-    common = [*data_overrides(root, args.per_class), "teacher1=resnet20", "teacher2=resnet14", "student=resnet8",
-              f"experiment.num_stages={stages}",
-              f"experiment.student_epochs_per_stage=[{','.join([str(args.epochs)] * stages)}]",
-              "experiment.schedule.lr_warmup_epochs=1", "experiment.loss_clamp_warmup_epochs=1",
-              "experiment.kd_warmup_epochs=1"]
+    common = [*two_teacher_setup(args), f"experiment.num_stages={stages}",
+              f"experiment.student_epochs_per_stage=[{','.join([str(args.epochs)] * stages)}]", *SHORT_WARMUPS]
     if args.gate is not None:
         common.append(f"experiment.enable_kd_after_syn_acc={args.gate}")
     suffix = (f", gate {args.gate:g}" if args.gate is not None else "") + (", PPF off" if args.ppf_off else "")
@@ -164,14 +172,9 @@ def sweep(args) -> None:
     from asib_core.sweep.runner import SweepSettings, run_sweep
     from asib_core.sweep.storage import open_storage
 
-    root = extracted_root()
-    enter(Path(args.work or "evidence").resolve())
-    teachers(root, ["resnet20", "resnet14"], args.teacher_per_class, args.teacher_epochs)
-    fixed = [*data_overrides(root, args.per_class), "teacher1=resnet20", "teacher2=resnet14", "student=resnet8",
-             "experiment.num_stages=1", f"experiment.student_epochs_per_stage=[{args.epochs}]",
+    fixed = [*two_teacher_setup(args), "experiment.num_stages=1", f"experiment.student_epochs_per_stage=[{args.epochs}]",
              f"experiment.teacher_adapt_epochs={args.a_epochs}", f"experiment.ib_epochs_per_stage={args.a_epochs}",
-             f"experiment.synergy_only_epochs={max(1, args.a_epochs // 2)}", "experiment.schedule.lr_warmup_epochs=1",
-             "experiment.loss_clamp_warmup_epochs=1", "experiment.kd_warmup_epochs=1", "experiment.seed=0"]
+             f"experiment.synergy_only_epochs={max(1, args.a_epochs // 2)}", *SHORT_WARMUPS, "experiment.seed=0"]
     if args.gate is not None:
         fixed.append(f"experiment.enable_kd_after_syn_acc={args.gate}")
     if args.ppf_off:

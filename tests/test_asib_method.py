@@ -446,21 +446,18 @@ class _CountingTeacher(torch.nn.Module):
 def test_teacher_feature_cache_replays_rebuilds_on_other_samples_and_gives_up_past_its_limit():
     from asib_core.methods.asib.teacher_cache import TeacherFeatureCache
 
-    def autocast():
-        return torch.autocast("cpu", enabled=False)
-
     loader = [(torch.full((4, 3), float(i)), torch.arange(4) + i, None) for i in range(3)]
     teacher, cache = _CountingTeacher(), TeacherFeatureCache()
-    first = [f[0] for _, _, f in cache.batches(loader, [teacher], autocast)]
-    again = [f[0] for _, _, f in cache.batches(loader, [teacher], autocast)]
+    first = [f[0] for _, _, f in cache.batches(loader, [teacher])]
+    again = [f[0] for _, _, f in cache.batches(loader, [teacher])]
     assert teacher.calls == 3 and all(torch.equal(a, b) for a, b in zip(first, again))
     assert all(torch.equal(f, x.flatten(1) * 2.0) for f, (x, _, _) in zip(again, loader))
     loader[1] = (torch.full((4, 3), 7.0), torch.arange(4) + 7, None)       # other samples, same loader
-    changed = [f[0] for _, _, f in cache.batches(loader, [teacher], autocast)]
+    changed = [f[0] for _, _, f in cache.batches(loader, [teacher])]
     assert torch.equal(changed[1], torch.full((4, 3), 14.0)) and teacher.calls == 5   # batches 2 and 3 live
     small, teacher2 = TeacherFeatureCache(max_bytes=60), _CountingTeacher()
     for _ in range(2):
-        list(small.batches(loader, [teacher2], autocast))
+        list(small.batches(loader, [teacher2]))
     assert teacher2.calls == 6 and small.nbytes == 0
 
 

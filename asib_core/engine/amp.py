@@ -47,3 +47,8 @@ class Precision:
         if not self.enabled:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+def autocast_for(precision: Precision | None):
+    """``precision``'s autocast context; without a Precision, CPU autocast switched off."""
+    return precision.autocast() if precision is not None else torch.autocast("cpu", enabled=False)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from asib_core.data.mixing import mix_batch
 from asib_core.methods.base import Batch
 
-from .amp import Precision
+from .amp import Precision, autocast_for
 from .progress import EpochProgress
 from .schedules import loss_clamp
 
@@ -110,8 +110,7 @@ def evaluate(model_fn: Callable, loader, precision: Precision | None = None, red
     correct = seen = 0
     loss_sum = 0.0
     for x, y, _ in loader:
-        ctx = precision.autocast() if precision is not None else torch.autocast("cpu", enabled=False)
-        with ctx:
+        with autocast_for(precision):
             logits = model_fn(x)
         logits = logits.float()
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
@@ -129,8 +128,7 @@ def collect_logits(model_fn: Callable, loader, precision: Precision | None = Non
     """All logits and labels of a loader (for evaluation reports)."""
     outs, labels = [], []
     for x, y, _ in loader:
-        ctx = precision.autocast() if precision is not None else torch.autocast("cpu", enabled=False)
-        with ctx:
+        with autocast_for(precision):
             outs.append(model_fn(x).float().cpu())
         labels.append(y.cpu())
     return torch.cat(outs), torch.cat(labels)

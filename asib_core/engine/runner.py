@@ -221,27 +221,26 @@ class TrainingRun:
         return self.state.as_dict()
 
     def _epoch_with_safe_retry(self) -> None:
-        try:
-            self._one_epoch()
-        except NonFiniteLoss as first:
-            if self.state.safe_retries >= 1:
-                raise RuntimeError(f"SAFE-RETRY failed: the loss became non-finite again after "
-                                   f"the retry ({first}). The run stops.") from first
-            retries = self.state.safe_retries + 1
-            log.warning("[SAFE-RETRY] %s -- restoring the last good state, AMP off", first)
-            self.restore()
-            self.state.safe_retries = retries
-            self.precision.disable()
-            self.cfg["use_amp"] = False
-            self.lock.verify(self.cfg, "before_safe_retry")
-            if self.tracker is not None and self.dist.is_main:
-                self.tracker.set_tags({"asib.safe_retry": str(first)[:500]})
-            self.log_metrics({"safe_retry": float(retries)})
+        """One epoch; a non-finite loss restores the last good state and retries once per run
+        (AMP off); a non-finite loss after that stops the run."""
+        while True:
             try:
                 self._one_epoch()
-            except NonFiniteLoss as second:
-                raise RuntimeError(f"SAFE-RETRY failed: the loss became non-finite again after "
-                                   f"the retry ({second}). The run stops.") from second
+                return
+            except NonFiniteLoss as exc:
+                if self.state.safe_retries >= 1:
+                    raise RuntimeError(f"SAFE-RETRY failed: the loss became non-finite again after "
+                                       f"the retry ({exc}). The run stops.") from exc
+                retries = self.state.safe_retries + 1
+                log.warning("[SAFE-RETRY] %s -- restoring the last good state, AMP off", exc)
+                self.restore()
+                self.state.safe_retries = retries
+                self.precision.disable()
+                self.cfg["use_amp"] = False
+                self.lock.verify(self.cfg, "before_safe_retry")
+                if self.tracker is not None and self.dist.is_main:
+                    self.tracker.set_tags({"asib.safe_retry": str(exc)[:500]})
+                self.log_metrics({"safe_retry": float(retries)})
 
     def _one_epoch(self) -> None:
         st, spec = self.state, self.spec

@@ -13,10 +13,8 @@ import torch
 
 from asib_core.config.errors import ConfigError
 
+from ._baseline_kd import probe_shapes  # noqa: F401 - the one shape probe of every method
 from .targets import LOGIT_TARGETS, selected_teacher
-
-# one shape probe for every method (shared with the dkd/fitnet/at/ab/ft helpers)
-from ._baseline_kd import probe_shapes  # noqa: E402,F401
 
 
 def stage_count(shapes: dict[str, tuple[int, ...]]) -> int:

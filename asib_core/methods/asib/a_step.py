@@ -37,6 +37,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from asib_core.engine.amp import autocast_for
 from asib_core.engine.loop import NonFiniteLoss
 from asib_core.losses import cccp_loss, gaussian_kl
 
@@ -111,20 +112,17 @@ def synergy_accuracy(distiller, loader, precision=None) -> float:
     previous train/eval modes are restored afterwards. NaN for an empty loader. The teachers'
     features come from the distiller's ``val_teacher_cache`` when it has one (teacher_cache.py)."""
 
-    def autocast():
-        return precision.autocast() if precision is not None else torch.autocast("cpu", enabled=False)
-
     modules = [distiller.student, *distiller.teachers, distiller.ib_mbm, distiller.synergy_head]
     modes = [[m.training for m in mod.modules()] for mod in modules]
     for mod in modules:
         mod.eval()
     correct = seen = 0
     cache = getattr(distiller, "val_teacher_cache", None)
-    batches = (cache.batches(loader, distiller.teachers, autocast) if cache is not None
+    batches = (cache.batches(loader, distiller.teachers, precision) if cache is not None
                else ((x, y, None) for x, y, *_ in loader))
     try:
         for x, y, feats in batches:
-            with autocast():
+            with autocast_for(precision):
                 logits = distiller.synergy_logits(x, feats)
             correct += int((logits.float().argmax(1) == y).sum())
             seen += int(y.shape[0])

@@ -19,6 +19,8 @@ from typing import Iterator
 
 import torch
 
+from asib_core.engine.amp import autocast_for
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 2 << 30
@@ -36,17 +38,18 @@ class TeacherFeatureCache:
     def clear(self) -> None:
         self._key, self._labels, self._feats, self.nbytes = None, [], [], 0
 
-    def batches(self, loader, teachers, autocast) -> Iterator[tuple[torch.Tensor, torch.Tensor, list]]:
-        """``(x, y, feats)`` per batch, ``feats`` the teachers' ``feat_2d`` (eval mode, no grad),
-        from the cache when it holds this loader, else computed (and kept when it fits)."""
+    def batches(self, loader, teachers, precision=None) -> Iterator[tuple[torch.Tensor, torch.Tensor, list]]:
+        """``(x, y, feats)`` per batch, ``feats`` the teachers' ``feat_2d`` (eval mode, no grad,
+        under ``precision``'s autocast), from the cache when it holds this loader, else computed
+        (and kept when it fits)."""
         key = (id(loader), len(loader))
         if self._key == key and not self._disabled:
-            yield from self._replay(loader, teachers, autocast)
+            yield from self._replay(loader, teachers, precision)
             return
         self.clear()
         filling = not self._disabled
         for x, y, *_ in loader:
-            feats = _teacher_feats(teachers, x, autocast)
+            feats = _teacher_feats(teachers, x, precision)
             if filling:
                 self._labels.append(y.clone())
                 self._feats.append(feats)
@@ -60,17 +63,17 @@ class TeacherFeatureCache:
         if filling:
             self._key = key
 
-    def _replay(self, loader, teachers, autocast):
+    def _replay(self, loader, teachers, precision):
         labels, feats, live = self._labels, self._feats, False
         for i, (x, y, *_) in enumerate(loader):
             if not live and (i >= len(labels) or not torch.equal(labels[i], y)):
                 log.info("teacher feature cache: the loader's samples changed; the next pass rebuilds it")
                 self.clear()
                 live = True
-            yield x, y, (_teacher_feats(teachers, x, autocast) if live else feats[i])
+            yield x, y, (_teacher_feats(teachers, x, precision) if live else feats[i])
 
 
 @torch.no_grad()
-def _teacher_feats(teachers, x: torch.Tensor, autocast) -> list[torch.Tensor]:
-    with autocast():
+def _teacher_feats(teachers, x: torch.Tensor, precision) -> list[torch.Tensor]:
+    with autocast_for(precision):
         return [teacher(x)["feat_2d"] for teacher in teachers]
