@@ -18,7 +18,7 @@ from asib_core.losses import soft_target_kd_loss
 from asib_core.methods.asib import IBMBM, ASIBSettings
 from asib_core.methods.asib.a_step import a_step_losses, synergy_accuracy
 from asib_core.methods.asib.targets import ensemble_target, teacher_mask
-from asib_core.methods.base import Batch, TrainContext
+from asib_core.contract import Batch, TrainContext
 from tests.asib_helpers import asib_cfg, make_run, tiny_data, trained_teacher_states
 
 

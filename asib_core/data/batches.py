@@ -268,11 +268,3 @@ def random_crop_flip(
     # torch.where instead of boolean-mask indexing: no host-device sync on GPUs.
     return torch.where(flip.view(b, 1, 1, 1), out.flip(-1), out)
 
-
-def __getattr__(name: str):
-    # ``build_data`` / ``DataBundle`` live in ``bundle.py``; reachable here as well.
-    if name in ("build_data", "DataBundle"):
-        from . import bundle
-
-        return getattr(bundle, name)
-    raise AttributeError(name)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from asib_core.data.mixing import mix_batch
-from asib_core.methods.base import Batch
+from asib_core.contract import Batch
 
 from .amp import Precision, autocast_for
 from .progress import EpochProgress

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from asib_core.config.lock import ConfigLock
-from asib_core.methods.base import Distiller, TrainContext
+from asib_core.contract import Distiller, TrainContext
 
 from .amp import Precision
 from .distributed import DistContext

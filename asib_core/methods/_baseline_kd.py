@@ -25,7 +25,7 @@ from asib_core.config.errors import ConfigError
 from asib_core.engine.optim import build_optimizer
 from asib_core.losses import soft_target_kd_loss
 
-from .base import Batch, Distiller, TrainContext
+from asib_core.contract import Batch, Distiller, TrainContext
 from .targets import LOGIT_TARGETS, selected_teacher, target_probs
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ import logging
 from asib_core.losses import at_loss
 
 from ._baseline_kd import BaselineDistiller, pair_stages, probe_shapes, stage_keys
-from .base import Batch, TrainContext
+from asib_core.contract import Batch, TrainContext
 from .registry import register_method
 
 log = logging.getLogger(__name__)

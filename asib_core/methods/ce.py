@@ -1,7 +1,7 @@
 """Cross-entropy only: the no-distillation baseline of every comparison."""
 from __future__ import annotations
 
-from .base import Distiller
+from asib_core.contract import Distiller
 from .registry import register_method
 
 

@@ -35,7 +35,7 @@ from asib_core.losses import CRDEmbed, CRDMemory, crd_nce_loss, soft_target_kd_l
 from ._probe import (
     needed_teachers, probe_shapes, teacher_forward, teacher_logits,
 )
-from .base import Batch, Distiller, TrainContext
+from asib_core.contract import Batch, Distiller, TrainContext
 from .registry import register_method
 from .targets import target_probs
 

@@ -24,7 +24,7 @@ import torch
 from asib_core.losses import dkd_loss
 
 from ._baseline_kd import BaselineDistiller
-from .base import Batch, TrainContext
+from asib_core.contract import Batch, TrainContext
 from .registry import register_method
 
 #: DKD paper's warm-up length (epochs) used when kd_warmup_epochs is 0 / unset

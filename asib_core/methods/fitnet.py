@@ -18,7 +18,7 @@ from asib_core.config.errors import ConfigError
 from asib_core.losses import fitnet_loss
 
 from ._baseline_kd import BaselineDistiller, conv_regressor, model_device, probe_shapes
-from .base import Batch, TrainContext
+from asib_core.contract import Batch, TrainContext
 from .registry import register_method
 
 

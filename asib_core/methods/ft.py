@@ -42,7 +42,7 @@ from ._baseline_kd import (
     probe_shapes,
     total_student_epochs,
 )
-from .base import Batch, TrainContext
+from asib_core.contract import Batch, TrainContext
 from .registry import register_method
 
 log = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ from asib_core.losses import at_multi_layer_loss, reviewkd_hcl_loss, soft_target
 from ._probe import (
     needed_teachers, probe_shapes, stage_count, teacher_forward, teacher_logits,
 )
-from .base import Batch, Distiller, TrainContext
+from asib_core.contract import Batch, Distiller, TrainContext
 from .registry import register_method
 from .targets import target_probs
 

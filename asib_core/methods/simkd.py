@@ -33,7 +33,7 @@ from asib_core.losses import simkd_loss, soft_target_kd_loss
 from ._probe import (
     needed_teachers, probe_shapes, teacher_forward, teacher_logits,
 )
-from .base import Batch, Distiller, TrainContext
+from asib_core.contract import Batch, Distiller, TrainContext
 from .registry import register_method
 from .targets import target_probs
 

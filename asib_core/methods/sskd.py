@@ -44,7 +44,7 @@ from asib_core.losses import (
 )
 
 from ._probe import needed_teachers, probe_shapes, teacher_forward
-from .base import Batch, Distiller, TrainContext
+from asib_core.contract import Batch, Distiller, TrainContext
 from .registry import register_method
 from .targets import target_probs
 

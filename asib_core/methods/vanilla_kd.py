@@ -7,7 +7,7 @@ teacher distributions). Only the teachers the target needs are run.
 from __future__ import annotations
 
 from ._baseline_kd import BaselineDistiller
-from .base import Batch, TrainContext
+from asib_core.contract import Batch, TrainContext
 from .registry import register_method
 
 

@@ -40,7 +40,7 @@ from asib_core.config.errors import ConfigError
 from asib_core.config.finalize import finalize_with_runtime
 from asib_core.losses import certainty_weights, feature_kd_loss
 
-from ..base import Batch, Distiller, TrainContext
+from asib_core.contract import Batch, Distiller, TrainContext
 from ..targets import selected_teacher
 from ..registry import register_method
 from . import ppf

@@ -1,4 +1,9 @@
-"""The distiller contract (mdistiller style).
+"""The distiller contract (mdistiller style), shared by the engine and the methods.
+
+It lives outside both ``asib_core/engine`` and ``asib_core/methods`` so that neither has to
+import the other to know it: the engine drives any :class:`Distiller`, the methods implement
+it, and the dependency between the two packages runs one way only (methods use engine
+facilities such as the optimiser factory; the engine never imports a method).
 
 A method is one small class with one job: given a batch, return the student
 logits and a dict of named, already-weighted losses. The engine sums the losses,
