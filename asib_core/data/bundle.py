@@ -10,8 +10,8 @@ import torch
 
 from .batches import DeviceBatchLoader
 from .dataset import ArrayDataset
+from .identity import SplitRecord, content_fingerprint, split_indices
 from .registry import DEFAULT_ROOT, load_split, resolve_root
-from .splits import per_class_subset, stratified_val_split
 
 # Keys of ``cfg["dataset"]`` that build_data reads (with their defaults; None = required).
 DATASET_KEY_DEFAULTS: dict[str, Any] = {
@@ -22,7 +22,7 @@ DATASET_KEY_DEFAULTS: dict[str, Any] = {
     "data_aug": 1,
     "batch_size": 128,
     "train_per_class": None,
-    "split_seed": None,  # None: the run's top-level ``seed``
+    "split_seed": 42,  # fixed by default; None: the run's top-level ``seed``
     "pin_memory": False,
     "backend": "native",
 }
@@ -57,6 +57,13 @@ class DataBundle:
     seed: int
     root: str = ""
     pin_memory: bool = False
+    #: how ``train``/``val`` were cut from the official training split (see data/identity.py)
+    split_record: SplitRecord | None = None
+    #: positions of ``train`` / ``val`` samples in the official training split
+    train_source_index: Any = None
+    val_source_index: Any = None
+    #: labels of the official training split (to recompute another model's split)
+    source_labels: Any = None
     _device_arrays: dict = field(default_factory=dict, repr=False)
 
     def split(self, name: str) -> ArrayDataset:
@@ -151,7 +158,8 @@ def build_data(cfg: Mapping, device: torch.device | str = "cpu") -> DataBundle:
 
     1. load the official train and test splits (:func:`load_split`);
     2. hold out ``val_split`` of the train split, class-stratified, with ``split_seed``
-       (default: ``seed``);
+       (default 42, fixed, so that teachers and students of any run seed share one
+       validation split; ``null``: the run's ``seed``);
     3. if ``train_per_class`` is set, keep a balanced subset of that many samples per class
        of the remaining train part (same seed); the validation part is not reduced.
     """
@@ -166,11 +174,14 @@ def build_data(cfg: Mapping, device: torch.device | str = "cpu") -> DataBundle:
     full_train = load_split(name, root, "train", download=_truthy(d["download"]))
     test = load_split(name, root, "test", download=_truthy(d["download"]))
 
-    train_idx, val_idx = stratified_val_split(full_train.labels, float(d["val_split"]), split_seed)
+    per_class = None if d["train_per_class"] in (None, 0, "", "null") else int(d["train_per_class"])
+    train_idx, val_idx = split_indices(full_train.labels, float(d["val_split"]), split_seed, per_class)
+    record = SplitRecord(dataset=name, source_fingerprint=content_fingerprint(full_train.images, full_train.labels),
+                         n_source=len(full_train), val_split=float(d["val_split"]), split_seed=split_seed,
+                         train_per_class=per_class)
     train = full_train.subset(train_idx, split="train")
     val = full_train.subset(val_idx, split="val")
-    if d["train_per_class"] not in (None, 0, "", "null"):
-        train = per_class_subset(train, int(d["train_per_class"]), split_seed)
+    source_labels = full_train.labels
     del full_train
 
     return DataBundle(
@@ -188,6 +199,10 @@ def build_data(cfg: Mapping, device: torch.device | str = "cpu") -> DataBundle:
         seed=seed,
         root=str(resolve_root(root)),
         pin_memory=_truthy(d["pin_memory"]),
+        split_record=record,
+        train_source_index=train_idx,
+        val_source_index=val_idx,
+        source_labels=source_labels,
     )
 
 

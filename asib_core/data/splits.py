@@ -110,20 +110,25 @@ def filter_classes(ds: ArrayDataset, classes: Sequence[int]) -> ArrayDataset:
     return out
 
 
-def per_class_subset(ds: ArrayDataset, n_per_class: int, seed: int) -> ArrayDataset:
-    """A balanced subset: ``n_per_class`` random samples of every class (all of a smaller class).
+def per_class_subset_indices(labels: Sequence[int] | np.ndarray, n_per_class: int, seed: int) -> np.ndarray:
+    """Sorted positions of a balanced subset: ``n_per_class`` random samples of every class.
 
-    The chosen indices are the first ``n_per_class`` of a seeded permutation of each class's
-    indices (one ``default_rng(seed)`` stream, classes in increasing label order); the result
-    keeps the original sample order.
+    The chosen positions are the first ``n_per_class`` of a seeded permutation of each
+    class's positions (one ``default_rng(seed)`` stream, classes in increasing label order;
+    a smaller class gives all of its samples).
     """
     if n_per_class < 1:
         raise ValueError("n_per_class must be >= 1")
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
     rng = np.random.default_rng(seed)
     parts = []
-    for c in range(ds.num_classes):
-        members = np.flatnonzero(ds.labels == c)
+    for c in range(int(y.max()) + 1 if y.size else 0):
+        members = np.flatnonzero(y == c)
         if members.size:
             parts.append(rng.permutation(members)[:n_per_class])
-    idx = np.sort(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
-    return ds.subset(idx)
+    return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
+
+
+def per_class_subset(ds: ArrayDataset, n_per_class: int, seed: int) -> ArrayDataset:
+    """A balanced subset of ``ds`` (:func:`per_class_subset_indices`), original order kept."""
+    return ds.subset(per_class_subset_indices(ds.labels, n_per_class, seed))

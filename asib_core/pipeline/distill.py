@@ -1,7 +1,7 @@
 """The distillation step, top-down:
 
-compose config -> finalize -> lock -> resolve teachers -> start (or resume) the MLflow
-run -> build data / models / method -> verify lock (before_run) -> fit -> verify lock
+compose config -> finalize -> lock -> data -> resolve teachers -> check that no teacher
+trained on a validation image -> start (or resume) the MLflow run -> build models / method -> verify lock (before_run) -> fit -> verify lock
 (after_run) -> best-on-validation student -> test numbers -> log artifacts.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ from asib_core.tracking.plots import log_curves
 
 from .common import file_sha256, resume_target, run_tags, seed_everything, setup_logging, teacher_names
 from .models import build_student, load_teacher, to_device
+from .teacher_splits import check_teacher_splits
 from .teachers import resolve_teachers
 
 log = logging.getLogger("asib.distill")
@@ -126,6 +127,7 @@ def run_distill(exp: str, overrides: list[str], *, parent_run_id: str | None = N
     data = build_data(cfg, device)  # a missing dataset fails here, before any training state
     method_cls = get_method(cfg["method_name"])
     sources = resolve_teachers(cfg) if method_cls.needs_teachers else []
+    check_teacher_splits(data, sources)  # before any model: no teacher saw a validation image
     identity = run_identity(cfg, [s.path for s in sources])
     state_dir = Path(state_root or cfg.get("checkpoint_dir") or "checkpoints/runs") / f"distill-{identity[:20]}"
     resume_id = resume_target(state_dir) if dist.is_main else None

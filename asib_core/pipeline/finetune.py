@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import mlflow
+import torch
 import yaml
 
 from asib_core.config import ConfigLock, compose_finetune, identity_hash
@@ -63,10 +64,14 @@ def finetune_config(teacher: str, dataset: str, overrides: list[str]) -> dict:
     cfg.setdefault("teacher_pretrained_file", None)
     cfg.setdefault("eval_batch_size", defaults["eval_batch_size"])
     cfg.setdefault("checkpoint_dir", defaults["checkpoint_dir"])
+    cfg.setdefault("finetune_optimizer", "adamw")
+    for key, value in SGD_DEFAULTS.items():
+        cfg.setdefault(key, value)
     cfg["recipe"] = name
     _reconcile_aliases(cfg, {o.split("=", 1)[0].lstrip("+~") for o in overrides})
     cfg["dataset"]["batch_size"] = int(cfg["batch_size"])
     check_against_reference(cfg, section="finetune")
+    check_optimizer_keys(cfg)
     return cfg
 
 
@@ -105,6 +110,30 @@ def class_subset(cfg: dict, num_classes: int) -> tuple[str, list[int] | None]:
 def ckpt_path(cfg: dict, subset_tag: str) -> Path:
     path = Path(cfg.get("finetune_ckpt_path") or f"checkpoints/teachers/{cfg['recipe']}.pth")
     return path if subset_tag == "all" else path.with_name(f"{path.stem}-{subset_tag}{path.suffix}")
+
+
+FINETUNE_OPTIMIZERS = ("sgd", "adamw")
+SGD_DEFAULTS = {"finetune_momentum": 0.9, "finetune_nesterov": True}
+
+
+def check_optimizer_keys(cfg: dict) -> None:
+    """``finetune_optimizer`` is sgd or adamw; the SGD-only keys may not be changed under adamw."""
+    kind = cfg["finetune_optimizer"]
+    if kind not in FINETUNE_OPTIMIZERS:
+        raise ConfigError(f"finetune_optimizer={kind!r} is not known; use one of {', '.join(FINETUNE_OPTIMIZERS)}.")
+    if kind == "adamw":
+        changed = [f"{k}={cfg[k]!r}" for k, v in SGD_DEFAULTS.items() if cfg[k] != v]
+        if changed:
+            raise ConfigError(
+                f"{', '.join(changed)} would have no effect: AdamW has no SGD momentum. Set "
+                "finetune_optimizer=sgd to use it, or remove the override.")
+
+
+def finetune_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
+    """The recipe's optimiser over the teacher's parameters (``finetune_optimizer``)."""
+    return build_optimizer(str(cfg["finetune_optimizer"]), [{"params": list(params), "name": "teacher"}],
+                           lr=float(cfg["finetune_lr"]), weight_decay=float(cfg["finetune_weight_decay"]),
+                           momentum=float(cfg["finetune_momentum"]), nesterov=bool(cfg["finetune_nesterov"]))
 
 
 def build_teacher(cfg: dict, num_classes: int):
@@ -152,8 +181,7 @@ def run_finetune(teacher: str, dataset: str, overrides: list[str], *, parent_run
         model = to_device(build_teacher(cfg, data.num_classes), device, False)
         distiller = CEOnly(model, [], {"ce_label_smoothing": float(cfg.get("label_smoothing") or 0.0)}).to(device)
         precision = Precision(device, bool(cfg.get("use_amp")), "bfloat16")
-        optimizer = build_optimizer("adamw", [{"params": distiller.student_parameters()}],
-                                    lr=float(cfg["finetune_lr"]), weight_decay=float(cfg["finetune_weight_decay"]))
+        optimizer = finetune_optimizer(cfg, distiller.student_parameters())
         spec = FitSpec(
             stage_epochs=[int(cfg["finetune_epochs"])], seed=int(cfg["seed"]),
             cutmix_alpha=float(cfg.get("finetune_cutmix_alpha") or 0.0) if cfg.get("finetune_use_cutmix") else 0.0,
@@ -179,7 +207,8 @@ def run_finetune(teacher: str, dataset: str, overrides: list[str], *, parent_run
         path = ckpt_path(cfg, subset_tag)
         meta = {"teacher": teacher, "dataset": data.name, "num_classes": int(data.num_classes),
                 "class_subset": subset_tag, "classes": classes, "config_sha256": lock.sha256,
-                "run_id": run.run_id, "val_acc": state["best_val"], "test_acc": test["acc"]}
+                "run_id": run.run_id, "val_acc": state["best_val"], "test_acc": test["acc"],
+                "data": data.split_record.with_classes(classes).as_dict()}
         save_teacher(model, path, meta)
         mlflow.log_artifact(str(path), artifact_path=TEACHER_ARTIFACT_DIR, run_id=run.run_id)
         run.set_tags({"asib.teacher_artifact": f"{TEACHER_ARTIFACT_DIR}/{path.name}"})
