@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import shlex
 import sys
 
@@ -49,11 +50,54 @@ def pop_option(argv: list[str], name: str, default: str) -> str:
     return default
 
 
+# Command-line parameters that are not config keys: (smallest value, what the number is).
+# MLflow passes the MLproject's float parameters as e.g. "2.0", so whole floats are accepted.
+COUNT_OPTIONS = {
+    "nproc": (1, "the number of training processes on this machine"),
+    "n_trials": (1, "the number of trials the study should hold in total"),
+    "sampler_seed": (0, "the seed of the Optuna sampler"),
+    "worker": (0, "this sweep worker's index (0, 1, ...)"),
+}
+ENV_MANAGERS = ("local", "virtualenv", "uv", "conda")
+
+
+def whole_number(name: str, text: str) -> int:
+    """``text`` as the whole number of the command-line parameter ``name`` (see COUNT_OPTIONS)."""
+    from asib_core.config import ConfigError
+
+    minimum, meaning = COUNT_OPTIONS[name]
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value != int(value) or value < minimum:
+        raise ConfigError(
+            f"{name}={text!r} is not allowed: {name} is {meaning}, a whole number >= {minimum} "
+            f"(for example {name}={max(minimum, 1) + 1})."
+        )
+    return int(value)
+
+
+def count_option(argv: list[str], name: str, default: int) -> int:
+    """Remove ``name=N`` from argv and return N, refusing anything but a whole number in range."""
+    return whole_number(name, pop_option(argv, name, str(default)))
+
+
+def choice_option(argv: list[str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    """Remove ``name=VALUE`` from argv and return VALUE, refusing a value not in ``choices``."""
+    from asib_core.config import ConfigError
+
+    value = pop_option(argv, name, default)
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not allowed: use one of {', '.join(choices)}.")
+    return value
+
+
 def relaunch_distributed(argv: list[str], module: str) -> None:
     """With ``nproc=N`` (N > 1) outside torchrun, re-exec this module under torchrun."""
     import os
 
-    nproc = int(float(pop_option(argv, "nproc", "1")))
+    nproc = count_option(argv, "nproc", 1)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         cmd = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", module, *argv]
         os.execvp(cmd[0], cmd)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from pipelines._cli import parse_exp_args, pop_option, user_errors
+from pipelines._cli import count_option, parse_exp_args, pop_option, user_errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,12 +22,12 @@ def main(argv: list[str] | None = None) -> int:
         argv = list(sys.argv[1:] if argv is None else argv)
         settings = SweepSettings(
             space=pop_option(argv, "space", "default"),
-            n_trials=int(float(pop_option(argv, "n_trials", "20"))),
+            n_trials=count_option(argv, "n_trials", 20),
             study_name=pop_option(argv, "study_name", ""),
             storage=pop_option(argv, "storage", ""),
-            sampler_seed=int(float(pop_option(argv, "sampler_seed", "0"))),
+            sampler_seed=count_option(argv, "sampler_seed", 0),
             pruner=pop_option(argv, "pruner", "median"),
-            worker=int(float(pop_option(argv, "worker", "0"))),
+            worker=count_option(argv, "worker", 0),
         )
         settings.exp, settings.overrides = parse_exp_args(argv, default_exp="quickstart")
         result = run_sweep(settings)

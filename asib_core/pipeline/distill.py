@@ -17,7 +17,7 @@ import yaml
 
 from asib_core.config import ResolvedConfig, identity_hash, resolve_experiment
 from asib_core.config.finalize import finalize_with_runtime
-from asib_core.data import build_data
+from asib_core.data import build_data, check_trainable
 from asib_core.engine.amp import Precision, resolve_device
 from asib_core.engine.distributed import DistContext, init_distributed
 from asib_core.engine.loop import evaluate
@@ -31,7 +31,7 @@ from asib_core.tracking.params import log_config_params
 from asib_core.tracking.plots import log_curves
 
 from .common import file_sha256, resume_target, run_tags, seed_everything, setup_logging, teacher_names
-from .models import build_student, load_teacher, to_device
+from .models import build_student, load_teacher, read_teacher_checkpoint, to_device
 from .teachers import resolve_teachers
 
 log = logging.getLogger("asib.distill")
@@ -124,8 +124,11 @@ def run_distill(exp: str, overrides: list[str], *, parent_run_id: str | None = N
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     data = build_data(cfg, device)  # a missing dataset fails here, before any training state
+    check_trainable(data, dist.world_size)  # and data that cannot train
     method_cls = get_method(cfg["method_name"])
     sources = resolve_teachers(cfg) if method_cls.needs_teachers else []
+    for source in sources:  # a wrong teacher file is refused before the run is created
+        read_teacher_checkpoint(cfg, source.role, source.path, data.num_classes, mmap=True)
     identity = run_identity(cfg, [s.path for s in sources])
     state_dir = Path(state_root or cfg.get("checkpoint_dir") or "checkpoints/runs") / f"distill-{identity[:20]}"
     resume_id = resume_target(state_dir) if dist.is_main else None

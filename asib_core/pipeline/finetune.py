@@ -18,24 +18,24 @@ from asib_core.config.casting import cast_numbers
 from asib_core.config.compose import list_finetune_recipes, to_container
 from asib_core.config.errors import ConfigError
 from asib_core.config.finalize import project_defaults
-from asib_core.config.reference import check_against_reference
-from asib_core.data import build_data
+from asib_core.config.validate import validate_config
+from asib_core.data import build_data, check_trainable
 from asib_core.data.splits import filter_classes, overlap_class_split
 from asib_core.engine.amp import Precision, resolve_device
 from asib_core.engine.finetune_schedules import build_finetune_schedulers
 from asib_core.engine.loop import evaluate
 from asib_core.engine.optim import build_optimizer
 from asib_core.engine.runner import FitSpec, TrainingRun
-from asib_core.engine.state import load_state
 from asib_core.methods.ce import CEOnly
 from asib_core.models import create_model
+from asib_core.models.checkpoint import check_shapes
 from asib_core.tracking import configure_tracking, experiment_for, open_run
 from asib_core.tracking.params import log_config_params
 from asib_core.tracking.plots import log_curves
 
 from .common import resume_target, run_tags, run_time_metrics, seed_everything, setup_logging
 from .distill import StepResult
-from .models import save_teacher, to_device
+from .models import save_teacher, teacher_payload, to_device
 from .teachers import TEACHER_ARTIFACT_DIR
 
 log = logging.getLogger("asib.finetune")
@@ -65,8 +65,8 @@ def finetune_config(teacher: str, dataset: str, overrides: list[str]) -> dict:
     cfg.setdefault("checkpoint_dir", defaults["checkpoint_dir"])
     cfg["recipe"] = name
     _reconcile_aliases(cfg, {o.split("=", 1)[0].lstrip("+~") for o in overrides})
-    cfg["dataset"]["batch_size"] = int(cfg["batch_size"])
-    check_against_reference(cfg, section="finetune")
+    validate_config(cfg, "finetune", context=f"fine-tune recipe {name}")
+    cfg["dataset"]["batch_size"] = cfg["batch_size"]  # the data pipeline reads it there
     return cfg
 
 
@@ -117,7 +117,10 @@ def build_teacher(cfg: dict, num_classes: int):
         if not Path(init).exists():
             raise ConfigError(f"teacher_ckpt_init={init} does not exist; give a checkpoint written by "
                               "a previous fine-tune (checkpoints/teachers/...) or null.")
-        model.load_state_dict(load_state(init)["model"])
+        fix = "Give a checkpoint written by a previous fine-tune of this teacher (checkpoints/teachers/...) or null."
+        state = teacher_payload(init, cfg["teacher_type"], num_classes, "teacher_ckpt_init", fix)["model"]
+        check_shapes(model, state, f"teacher_ckpt_init {init}", fix=fix)
+        model.load_state_dict(state)
     if cfg.get("teacher_use_checkpointing"):
         model.activation_checkpointing = True
     return model
@@ -132,6 +135,7 @@ def run_finetune(teacher: str, dataset: str, overrides: list[str], *, parent_run
     seed_everything(int(cfg["seed"]), bool(cfg.get("deterministic", True)))
     device = resolve_device(cfg.get("device"))
     data = build_data(cfg, device)
+    check_trainable(data)
     subset_tag, classes = class_subset(cfg, data.num_classes)
     if classes is not None:
         data.train = filter_classes(data.train, classes)
