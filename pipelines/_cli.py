@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import shlex
 import sys
@@ -125,4 +126,37 @@ def user_errors():
         if isinstance(exc, user_error_types()):
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(USER_ERROR_EXIT) from None
+        problem = unwritable(exc)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            raise SystemExit(USER_ERROR_EXIT) from None
         raise
+
+
+# errno values that say "this place cannot be written" (permissions, read-only file system, a file
+# where a folder is needed, a full disk) rather than "the program is wrong"
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR,
+               errno.ENOSPC, errno.EDQUOT}
+_READONLY_STORE = ("attempt to write a readonly database", "unable to open database file",
+                   "readonly database")
+
+
+def unwritable(exc: BaseException) -> str | None:
+    """The sentence for a folder or tracking store the command cannot write (None: another error).
+
+    A run that was open when it happened has already been ended FAILED by ``open_run``."""
+    if isinstance(exc, OSError) and exc.errno in _UNWRITABLE and exc.filename:
+        return (f"cannot write {exc.filename}: {exc.strerror}. A place this command writes to (the "
+                "tracking store of MLFLOW_TRACKING_URI, checkpoint_dir, results_dir, finetune_ckpt_path, "
+                "the data cache) is read-only, full, or a file stands where a folder is needed; make it "
+                "writable or point the setting at a writable folder.")
+    mlflow_errors = sys.modules.get("mlflow.exceptions")
+    text = str(exc).lower()
+    if mlflow_errors is not None and isinstance(exc, mlflow_errors.MlflowException) and any(
+            marker in text for marker in _READONLY_STORE):
+        import mlflow
+        return (f"the tracking store {mlflow.get_tracking_uri()} cannot be written (sqlite: "
+                f"{'read-only database' if 'readonly' in text else 'cannot open the database file'}). "
+                "Make the database file and its folder writable, or point MLFLOW_TRACKING_URI at a "
+                "writable store (e.g. sqlite:///mlflow.db in a folder you own).")
+    return None

@@ -68,8 +68,11 @@ def parse_interval(text: str) -> Interval:
     if not match:
         raise ValueError(f"keys.yaml: range {text!r} is not an interval such as '[0, 1)' or '(0, inf)'")
     opening, low, high, closing = match.groups()
-    interval = Interval(_bound(low), _bound(high), opening == "[", closing == "]",
-                        f"{opening}{low}, {high}{closing}")
+    try:
+        interval = Interval(_bound(low), _bound(high), opening == "[", closing == "]",
+                            f"{opening}{low}, {high}{closing}")
+    except ValueError:
+        raise ValueError(f"keys.yaml: range {text!r} has a bound that is not a number or inf") from None
     if interval.low > interval.high:
         raise ValueError(f"keys.yaml: range {text!r} is empty")
     return interval

@@ -25,6 +25,7 @@ from asib_core.engine.optim import student_optimizer
 from asib_core.engine.runner import FitSpec, TrainingRun
 from asib_core.engine.schedules import build_epoch_scheduler
 from asib_core.engine.state import atomic_save
+from asib_core.errors import check_writable_dir
 from asib_core.methods import build_distiller, get_method
 from asib_core.tracking import configure_tracking, experiment_for, open_run
 from asib_core.tracking.params import log_config_params
@@ -131,6 +132,7 @@ def run_distill(exp: str, overrides: list[str], *, parent_run_id: str | None = N
         read_teacher_checkpoint(cfg, source.role, source.path, data.num_classes, mmap=True)
     identity = run_identity(cfg, [s.path for s in sources])
     state_dir = Path(state_root or cfg.get("checkpoint_dir") or "checkpoints/runs") / f"distill-{identity[:20]}"
+    check_writable_dir(state_dir, "checkpoint_dir: the run's state folder")  # before the run exists
     resume_id = resume_target(state_dir) if dist.is_main else None
     resume_id = dist.broadcast_object(resume_id)
     tags = run_tags(cfg, "distill", lock.sha256, teachers="+".join(teacher_names(cfg)) if sources else "none",

@@ -26,6 +26,7 @@ from asib_core.engine.finetune_schedules import build_finetune_schedulers
 from asib_core.engine.loop import evaluate
 from asib_core.engine.optim import build_optimizer
 from asib_core.engine.runner import FitSpec, TrainingRun
+from asib_core.errors import check_writable_dir
 from asib_core.methods.ce import CEOnly
 from asib_core.models import create_model
 from asib_core.models.checkpoint import check_shapes
@@ -148,6 +149,8 @@ def run_finetune(teacher: str, dataset: str, overrides: list[str], *, parent_run
                     teachers="none", student="none", teacher=teacher, class_subset=subset_tag,
                     **{"asib.identity": identity})
     state_dir = Path(cfg["checkpoint_dir"]) / f"finetune-{identity[:20]}"
+    check_writable_dir(state_dir, "checkpoint_dir: the run's state folder")  # before the run exists
+    check_writable_dir(ckpt_path(cfg, subset_tag).parent, "finetune_ckpt_path: the teacher's folder")
     with open_run(experiment=experiment_for(data.name), run_name=f"finetune {teacher} on {dataset} ({subset_tag})",
                   tags=tags, resume_run_id=resume_target(state_dir), nested=parent_run_id is not None,
                   parent_run_id=parent_run_id) as run:
