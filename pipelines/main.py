@@ -13,8 +13,6 @@ from pipelines._cli import ENV_MANAGERS, choice_option, count_option, parse_exp_
 
 
 def main(argv: list[str] | None = None) -> int:
-    from asib_core.pipeline.chain import run_main
-
     with user_errors():
         argv = list(sys.argv[1:] if argv is None else argv)
         baseline = pop_option(argv, "baseline", "ce")
@@ -23,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
                                     ENV_MANAGERS)
         finetune_overrides = shlex.split(pop_option(argv, "finetune_overrides", ""))
         exp, overrides = parse_exp_args(argv, default_exp="quickstart")
+        from asib_core.pipeline.chain import run_main  # heavy: after the arguments are checked
+
         result = run_main(exp, overrides, env_manager=env_manager, baseline=baseline, nproc=nproc,
                           finetune_overrides=finetune_overrides)
         print(f"main run {result.parent_run_id}")

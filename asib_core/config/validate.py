@@ -157,15 +157,6 @@ def rule(sections: str | tuple[str, ...], key: str):
     return register
 
 
-def _get(cfg: dict, key: str) -> Any:
-    node: Any = cfg
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def _finite(value: Any) -> bool:
     return is_number(value) and math.isfinite(value)
 

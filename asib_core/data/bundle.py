@@ -213,7 +213,8 @@ def check_trainable(data: DataBundle, world_size: int = 1) -> None:
       would train no step at all; with ``world_size`` processes it must hold
       ``batch_size * world_size`` images.
     """
-    name, train, val, test = data.name, data.train, data.val, data.test
+    train, val, test = data.train, data.val, data.test
+    name = f"{data.name} ({data.root})" if data.name == "imagefolder" else data.name
     if data.num_classes < 2:
         raise DataError(
             f"{name}: the dataset has {data.num_classes} class ({', '.join(data.class_names)}); a "
