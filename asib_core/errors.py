@@ -46,8 +46,10 @@ def check_writable_store(uri: str) -> None:
             raise UnwritableError(f"the tracking store {uri} cannot be written: the database file {db} is "
                                   "read-only. Make it writable, or point MLFLOW_TRACKING_URI at a writable "
                                   "store (e.g. sqlite:///mlflow.db in a folder you own).")
-    elif uri.startswith("file:") or "://" not in uri:
-        check_writable_dir(uri[len("file://"):] if uri.startswith("file://") else uri, "the tracking store")
+    elif uri.startswith("file://"):
+        check_writable_dir(uri[len("file://"):], "the tracking store")
+    elif uri.startswith(("/", "./", "../")):  # a plain folder (MLflow's file store)
+        check_writable_dir(uri, "the tracking store")
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:

@@ -137,26 +137,14 @@ def user_errors():
 # where a folder is needed, a full disk) rather than "the program is wrong"
 _UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR,
                errno.ENOSPC, errno.EDQUOT}
-_READONLY_STORE = ("attempt to write a readonly database", "unable to open database file",
-                   "readonly database")
-
-
 def unwritable(exc: BaseException) -> str | None:
-    """The sentence for a folder or tracking store the command cannot write (None: another error).
-
-    A run that was open when it happened has already been ended FAILED by ``open_run``."""
+    """The sentence for a file or folder the command cannot write (None: another error). The
+    tracking store and the run's folders are checked before a run is created
+    (``check_writable_store``, ``check_writable_dir``); this catches the other places. A run that
+    was open when it happened has already been ended FAILED by ``open_run``."""
     if isinstance(exc, OSError) and exc.errno in _UNWRITABLE and exc.filename:
         return (f"cannot write {exc.filename}: {exc.strerror}. A place this command writes to (the "
                 "tracking store of MLFLOW_TRACKING_URI, checkpoint_dir, results_dir, finetune_ckpt_path, "
-                "the data cache) is read-only, full, or a file stands where a folder is needed; make it "
-                "writable or point the setting at a writable folder.")
-    mlflow_errors = sys.modules.get("mlflow.exceptions")
-    text = str(exc).lower()
-    if mlflow_errors is not None and isinstance(exc, mlflow_errors.MlflowException) and any(
-            marker in text for marker in _READONLY_STORE):
-        import mlflow
-        return (f"the tracking store {mlflow.get_tracking_uri()} cannot be written (sqlite: "
-                f"{'read-only database' if 'readonly' in text else 'cannot open the database file'}). "
-                "Make the database file and its folder writable, or point MLFLOW_TRACKING_URI at a "
-                "writable store (e.g. sqlite:///mlflow.db in a folder you own).")
+                "a report's out folder) is read-only, full, or a file stands where a folder is needed; "
+                "make it writable or point the setting at a writable folder.")
     return None

@@ -227,3 +227,13 @@ def test_count_options_refuse_anything_else(name, text):
     with pytest.raises(ConfigError) as info:
         _cli.whole_number(name, text)
     assert f"{name}={text!r}" in str(info.value) and "whole number" in str(info.value)
+
+
+def test_an_unwritable_place_is_one_sentence_and_other_errors_are_not_masked(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OSError) as info:
+        (tmp_path / "afile" / "out").mkdir(parents=True)
+    sentence = _cli.unwritable(info.value)
+    assert sentence.startswith(f"cannot write {tmp_path / 'afile'}") and "writable" in sentence
+    assert _cli.unwritable(FileNotFoundError(2, "No such file or directory", "x")) is None
+    assert _cli.unwritable(RuntimeError("a bug")) is None
