@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import math
 import shlex
 import sys
 
@@ -49,11 +51,54 @@ def pop_option(argv: list[str], name: str, default: str) -> str:
     return default
 
 
+# Command-line parameters that are not config keys: (smallest value, what the number is).
+# MLflow passes the MLproject's float parameters as e.g. "2.0", so whole floats are accepted.
+COUNT_OPTIONS = {
+    "nproc": (1, "the number of training processes on this machine"),
+    "n_trials": (1, "the number of trials the study should hold in total"),
+    "sampler_seed": (0, "the seed of the Optuna sampler"),
+    "worker": (0, "this sweep worker's index (0, 1, ...)"),
+}
+ENV_MANAGERS = ("local", "virtualenv", "uv", "conda")
+
+
+def whole_number(name: str, text: str) -> int:
+    """``text`` as the whole number of the command-line parameter ``name`` (see COUNT_OPTIONS)."""
+    from asib_core.config import ConfigError
+
+    minimum, meaning = COUNT_OPTIONS[name]
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value != int(value) or value < minimum:
+        raise ConfigError(
+            f"{name}={text!r} is not allowed: {name} is {meaning}, a whole number >= {minimum} "
+            f"(for example {name}={max(minimum, 1) + 1})."
+        )
+    return int(value)
+
+
+def count_option(argv: list[str], name: str, default: int) -> int:
+    """Remove ``name=N`` from argv and return N, refusing anything but a whole number in range."""
+    return whole_number(name, pop_option(argv, name, str(default)))
+
+
+def choice_option(argv: list[str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    """Remove ``name=VALUE`` from argv and return VALUE, refusing a value not in ``choices``."""
+    from asib_core.config import ConfigError
+
+    value = pop_option(argv, name, default)
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not allowed: use one of {', '.join(choices)}.")
+    return value
+
+
 def relaunch_distributed(argv: list[str], module: str) -> None:
     """With ``nproc=N`` (N > 1) outside torchrun, re-exec this module under torchrun."""
     import os
 
-    nproc = int(float(pop_option(argv, "nproc", "1")))
+    nproc = count_option(argv, "nproc", 1)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         cmd = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", module, *argv]
         os.execvp(cmd[0], cmd)
@@ -81,4 +126,25 @@ def user_errors():
         if isinstance(exc, user_error_types()):
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(USER_ERROR_EXIT) from None
+        problem = unwritable(exc)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            raise SystemExit(USER_ERROR_EXIT) from None
         raise
+
+
+# errno values that say "this place cannot be written" (permissions, read-only file system, a file
+# where a folder is needed, a full disk) rather than "the program is wrong"
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR,
+               errno.ENOSPC, errno.EDQUOT}
+def unwritable(exc: BaseException) -> str | None:
+    """The sentence for a file or folder the command cannot write (None: another error). The
+    tracking store and the run's folders are checked before a run is created
+    (``check_writable_store``, ``check_writable_dir``); this catches the other places. A run that
+    was open when it happened has already been ended FAILED by ``open_run``."""
+    if isinstance(exc, OSError) and exc.errno in _UNWRITABLE and exc.filename:
+        return (f"cannot write {exc.filename}: {exc.strerror}. A place this command writes to (the "
+                "tracking store of MLFLOW_TRACKING_URI, checkpoint_dir, results_dir, finetune_ckpt_path, "
+                "a report's out folder) is read-only, full, or a file stands where a folder is needed; "
+                "make it writable or point the setting at a writable folder.")
+    return None

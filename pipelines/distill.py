@@ -11,12 +11,12 @@ from pipelines._cli import parse_exp_args, relaunch_distributed, user_errors
 
 
 def main(argv: list[str] | None = None) -> int:
-    from asib_core.pipeline.distill import run_distill
-
     with user_errors():
         argv = list(sys.argv[1:] if argv is None else argv)
         relaunch_distributed(argv, "pipelines.distill")
         exp, overrides = parse_exp_args(argv)
+        from asib_core.pipeline.distill import run_distill  # heavy: after the arguments are checked
+
         result = run_distill(exp, overrides)
         if result.run_id:
             print(f"distill run {result.run_id}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))

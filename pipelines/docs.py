@@ -49,10 +49,17 @@ hand: change keys.yaml and re-run the command (`--check` fails when this page is
 
 **The one rule.** Every key a config may carry is listed on this page. A key either does what
 its meaning says, or the run refuses to start with an error that names the key and says why.
-No key is silently ignored: before a run is locked, `check_against_reference` refuses
+No key is silently ignored and no value outside its domain is run: before any data or model is
+touched, one validator (`asib_core/config/validate.py`) checks the config of the config CLI,
+`distill`, `finetune`, `main` and every sweep trial, and refuses (exit 2, one paragraph naming
+every offending key, its value and what is allowed)
 
 - a key that is not listed here (a typo gets close matches suggested),
-- a value whose type does not match the `type` column, and
+- a value whose type does not match the `type` column,
+- a value outside the `domain` column: a `range` (an interval; brackets inclusive, parentheses
+  exclusive; for a list, every element), one of the listed `choices`, a cross-key `rule`;
+  NaN is never allowed and an infinite value only where the range includes `inf`; `null`
+  passes where the type allows it, and
 - a `planned` key set to a value that would change behaviour.
 
 **Statuses.**
@@ -63,7 +70,8 @@ No key is silently ignored: before a run is locked, `check_against_reference` re
   off) are allowed; any other value stops the run naming the key and the issue.
 
 **Columns.** `type` lists the accepted kinds of value, alternatives separated by `|` (`float`
-also accepts integers, `null` is YAML's null). `default` is the value in `configs/base.yaml` /
+also accepts integers, `null` is YAML's null). `domain` lists the allowed values (`-` where
+the type says it all). `default` is the value in `configs/base.yaml` /
 `configs/project_defaults.yaml`; for keys those leave unset, the value of base's default method
 file (`asib`), else the behaviour when the key is absent. *derived* keys are set during
 resolution, not by hand; *per recipe* keys are set by each fine-tuning recipe. A key containing
@@ -128,6 +136,17 @@ def _meaning_cell(body: dict[str, Any]) -> str:
     return meaning
 
 
+def _domain_cell(body: dict[str, Any]) -> str:
+    parts = []
+    if body.get("range") is not None:
+        parts.append(_code(body["range"]))
+    if body.get("choices") is not None:
+        parts.append("one of " + ", ".join(_code(_value(c)) for c in body["choices"]))
+    if body.get("rules"):
+        parts.append("rule: " + _cell(str(body["rules"]).strip()))
+    return "; ".join(parts) or "-"
+
+
 def _ordered_sections(sections: dict[str, dict]) -> list[str]:
     named = [s for s in SECTION_TITLES if s in sections]
     return named + [s for s in sections if s not in SECTION_TITLES]
@@ -144,12 +163,12 @@ def render(path: Path = KEYS_FILE) -> str:
             parts.append(SECTION_INTROS[section] + "\n")
         planned = sum(1 for b in entries.values() if b.get("status") == "planned")
         parts.append(f"{len(entries)} keys, {planned} of them planned.\n")
-        lines = ["| key | type | default | status | meaning |", "|---|---|---|---|---|"]
+        lines = ["| key | type | default | domain | status | meaning |", "|---|---|---|---|---|---|"]
         for key in sorted(entries):
             body = entries[key]
             lines.append(
                 f"| {_code(key)} | {_code(body.get('type', 'any'))} | {_default_cell(body)} "
-                f"| {_status_cell(body)} | {_meaning_cell(body)} |"
+                f"| {_domain_cell(body)} | {_status_cell(body)} | {_meaning_cell(body)} |"
             )
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)

@@ -30,10 +30,10 @@ def parse(argv: list[str]) -> tuple[str, str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from asib_core.pipeline.finetune import run_finetune
-
     with user_errors():
         teacher, dataset, overrides = parse(sys.argv[1:] if argv is None else argv)
+        from asib_core.pipeline.finetune import run_finetune  # heavy: after the arguments are checked
+
         result = run_finetune(teacher, dataset, overrides)
         print(f"finetune run {result.run_id}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
     return 0

@@ -9,19 +9,20 @@ import os
 import shlex
 import sys
 
-from pipelines._cli import parse_exp_args, pop_option, user_errors
+from pipelines._cli import ENV_MANAGERS, choice_option, count_option, parse_exp_args, pop_option, user_errors
 
 
 def main(argv: list[str] | None = None) -> int:
-    from asib_core.pipeline.chain import run_main
-
     with user_errors():
         argv = list(sys.argv[1:] if argv is None else argv)
         baseline = pop_option(argv, "baseline", "ce")
-        nproc = int(float(pop_option(argv, "nproc", "1")))
-        env_manager = pop_option(argv, "env_manager", os.environ.get("ASIB_ENV_MANAGER", "local"))
+        nproc = count_option(argv, "nproc", 1)
+        env_manager = choice_option(argv, "env_manager", os.environ.get("ASIB_ENV_MANAGER", "local"),
+                                    ENV_MANAGERS)
         finetune_overrides = shlex.split(pop_option(argv, "finetune_overrides", ""))
         exp, overrides = parse_exp_args(argv, default_exp="quickstart")
+        from asib_core.pipeline.chain import run_main  # heavy: after the arguments are checked
+
         result = run_main(exp, overrides, env_manager=env_manager, baseline=baseline, nproc=nproc,
                           finetune_overrides=finetune_overrides)
         print(f"main run {result.parent_run_id}")

@@ -12,22 +12,24 @@ from __future__ import annotations
 
 import sys
 
-from pipelines._cli import parse_exp_args, pop_option, user_errors
+from pipelines._cli import count_option, parse_exp_args, pop_option, user_errors
 
 
 def main(argv: list[str] | None = None) -> int:
-    from asib_core.sweep import SweepSettings, run_sweep
-
     with user_errors():
         argv = list(sys.argv[1:] if argv is None else argv)
+        counts = {name: count_option(argv, name, default)
+                  for name, default in (("n_trials", 20), ("sampler_seed", 0), ("worker", 0))}
+        from asib_core.sweep import SweepSettings, run_sweep  # heavy: after the counts are checked
+
         settings = SweepSettings(
             space=pop_option(argv, "space", "default"),
-            n_trials=int(float(pop_option(argv, "n_trials", "20"))),
+            n_trials=counts["n_trials"],
             study_name=pop_option(argv, "study_name", ""),
             storage=pop_option(argv, "storage", ""),
-            sampler_seed=int(float(pop_option(argv, "sampler_seed", "0"))),
+            sampler_seed=counts["sampler_seed"],
             pruner=pop_option(argv, "pruner", "median"),
-            worker=int(float(pop_option(argv, "worker", "0"))),
+            worker=counts["worker"],
         )
         settings.exp, settings.overrides = parse_exp_args(argv, default_exp="quickstart")
         result = run_sweep(settings)

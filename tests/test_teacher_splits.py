@@ -13,7 +13,7 @@ import torch
 
 from asib_core.data import build_data
 from asib_core.data.identity import SplitRecord, content_fingerprint, split_indices, trained_indices
-from asib_core.pipeline.teacher_splits import TeacherSplitError, check_teacher_splits, read_split_record
+from asib_core.pipeline.teacher_splits import TeacherSplitError, check_teacher_splits, split_record_of
 from asib_core.pipeline.teachers import TeacherSource
 
 from tests.pipeline_helpers import TINY_DISTILL, run_module
@@ -65,36 +65,35 @@ def test_content_fingerprint_changes_with_one_pixel_or_one_label():
     assert len({base, content_fingerprint(pixel, labels), content_fingerprint(images, label)}) == 3
 
 
-def _teacher_file(tmp_path, record: dict | None, name="t.pth"):
-    path = tmp_path / name
-    meta = {"teacher": "resnet20"}
-    if record is not None:
-        meta["data"] = record
-    torch.save({"model": {"w": torch.zeros(1)}, "meta": meta}, path)
-    return TeacherSource("teacher1", "resnet20", path, None)
+def _teacher(record: dict | None):
+    """A (source, checkpoint meta) pair of a resnet20 teacher with that split record."""
+    meta = {"teacher": "resnet20"} if record is None else {"teacher": "resnet20", "data": record}
+    return TeacherSource("teacher1", "resnet20", "t.pth", None), meta
 
 
-def test_check_refuses_an_overlap_and_accepts_the_same_or_a_nested_split(tmp_path):
+def check(data, *teachers):
+    return check_teacher_splits(data, [t[0] for t in teachers], [t[1] for t in teachers])
+
+
+def test_check_refuses_an_overlap_and_accepts_the_same_or_a_nested_split():
     data = build_data(DIGITS)
     rec = data.split_record.as_dict()
-    assert read_split_record(_teacher_file(tmp_path, rec).path) == data.split_record
-    assert check_teacher_splits(data, [_teacher_file(tmp_path, rec)]) == []
+    assert split_record_of(_teacher(rec)[1]) == data.split_record
+    assert check(data, _teacher(rec)) == []
     larger_val = {**rec, "val_split": 0.3}   # the teacher held out more: it never saw our val images
-    assert check_teacher_splits(data, [_teacher_file(tmp_path, larger_val)]) == []
+    assert check(data, _teacher(larger_val)) == []
     with pytest.raises(TeacherSplitError, match=r"teacher1 'resnet20'.*split_seed=7"):
-        check_teacher_splits(data, [_teacher_file(tmp_path, {**rec, "split_seed": 7})])
+        check(data, _teacher({**rec, "split_seed": 7}))
     with pytest.raises(TeacherSplitError, match="val_split=0.1"):
-        check_teacher_splits(data, [_teacher_file(tmp_path, {**rec, "val_split": 0.1})])
+        check(data, _teacher({**rec, "val_split": 0.1}))
 
 
-def test_unrecorded_or_foreign_teachers_are_warned_about_not_refused(tmp_path):
+def test_unrecorded_or_foreign_teachers_are_warned_about_not_refused():
     data = build_data(DIGITS)
     other = {**data.split_record.as_dict(), "source_fingerprint": "0" * 64}
-    notes = check_teacher_splits(data, [_teacher_file(tmp_path, None, "a.pth"),
-                                        _teacher_file(tmp_path, other, "b.pth")])
+    notes = check(data, _teacher(None), _teacher(other))
     assert len(notes) == 2 and "records no training split" in notes[0] and "other data" in notes[1]
-    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
-    assert read_split_record(tmp_path / "garbage.pth") is None
+    assert split_record_of({"data": {"dataset": "digits"}}) is None  # malformed: no record
 
 
 @pytest.mark.slow
@@ -107,7 +106,8 @@ def test_student_run_refuses_a_teacher_trained_on_its_validation_split(workdir):
 
     for teacher in ("resnet20", "wrn_16_2"):
         run_finetune(teacher, "digits", ["finetune_epochs=1", "dataset.train_per_class=10", "dataset.split_seed=7"])
-    record = read_split_record(workdir / "checkpoints/teachers/resnet20_digits.pth")
+    record = split_record_of(torch.load(workdir / "checkpoints/teachers/resnet20_digits.pth",
+                                        weights_only=True)["meta"])
     assert (record.dataset, record.split_seed, record.train_per_class, record.val_split) == ("digits", 7, 10, 0.15)
 
     args = [*TINY_DISTILL, "experiment.student_epochs_per_stage=[1]"]

@@ -8,6 +8,9 @@ says, documented here, or the run refuses to start naming the key. So:
 - a key whose status is ``planned`` set to a value that would change behaviour (not
   one of its ``inert`` values) is refused, naming the key and the issue that brings it.
 
+The domains (``range``, ``choices``, ``rules``) of the same entries are checked by
+:mod:`asib_core.config.validate`, which reports these problems together with its own.
+
 ``docs/configuration.md`` is generated from the same file (``python -m pipelines.docs``).
 """
 from __future__ import annotations
@@ -41,6 +44,9 @@ class KeySpec:
     section: str
     inert: tuple = field(default_factory=tuple)
     issue: int | None = None
+    range: str | None = None
+    choices: tuple | None = None
+    rules: str | None = None
 
     def accepts(self, value: Any) -> bool:
         for alternative in self.type.split("|"):
@@ -72,7 +78,9 @@ def load_reference(section: str | None = "run") -> dict[str, KeySpec]:
                 key=key, type=str(body.get("type", "any")), default=body.get("default"),
                 status=body["status"], meaning=str(body.get("meaning", "")).strip(),
                 section=section_name, inert=tuple(body.get("inert", ()) or ()),
-                issue=body.get("issue"),
+                issue=body.get("issue"), range=body.get("range"),
+                choices=tuple(body["choices"]) if body.get("choices") is not None else None,
+                rules=" ".join(str(body["rules"]).split()) if body.get("rules") else None,
             )
     return specs
 
@@ -101,35 +109,35 @@ def is_inert(spec: KeySpec, value: Any) -> bool:
     return any(value == inert for inert in spec.inert) or (value is None and None in spec.inert)
 
 
-def check_against_reference(cfg: dict, section: str = "run", *, for_run: bool = True) -> list[str]:
-    """Refuse unknown keys and wrong types; with ``for_run`` also planned keys set to a
-    value that would change behaviour (printing a config is not a run: then those are
-    returned as notes instead). Returns the notes."""
+def reference_problems(cfg: dict, section: str = "run", *, for_run: bool = True) -> tuple[list[str], list[str]]:
+    """``(problems, notes)``: unknown keys and wrong types, and planned keys set to a value that
+    would change behaviour (problems with ``for_run``, else notes: printing a config is not a
+    run). Each problem names its key."""
     specs = load_reference(section)
-    unknown, wrong_type, planned = [], [], []
+    problems, planned = [], []
     for key, value in leaf_items(cfg):
         spec = find_spec(key, specs)
         if spec is None:
             close = difflib.get_close_matches(key, list(specs), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            unknown.append(f"{key}{hint}")
-            continue
-        if not spec.accepts(value):
-            wrong_type.append(f"{key}={value!r} (expected {spec.type})")
+            problems.append(f"{key} is not a config key{hint}")
+        elif not spec.accepts(value):
+            problems.append(f"{key}={value!r}: expected {spec.type}")
         elif spec.status == "planned" and not is_inert(spec, value):
             issue = f" (arrives with issue #{spec.issue})" if spec.issue else ""
-            planned.append(f"{key}={value!r}{issue}")
-    problems = []
-    if unknown:
-        problems.append("unknown config keys: " + "; ".join(unknown) +
-                        ". Every key must be one of those documented in docs/configuration.md")
-    if wrong_type:
-        problems.append("values of the wrong type: " + "; ".join(wrong_type))
-    if planned and for_run:
-        problems.append(
-            "keys that are not implemented yet are set to values that would change "
-            "behaviour: " + "; ".join(planned) + ". Set them to their inert value "
-            "(see docs/configuration.md) or wait for the feature")
-    if problems:
-        raise ConfigError("the config cannot run as given. " + ". ".join(problems) + ".")
-    return [f"not implemented yet, a run would refuse: {item}" for item in planned]
+            planned.append(f"{key}={value!r}: not implemented yet{issue}, only its inert values "
+                           f"{list(spec.inert)} are accepted until then")
+    if for_run:
+        return problems + planned, []
+    return problems, [f"not implemented yet, a run would refuse: {item}" for item in planned]
+
+
+def check_against_reference(cfg: dict, section: str = "run", *, for_run: bool = True) -> list[str]:
+    """Refuse unknown keys and wrong types; with ``for_run`` also planned keys set to a
+    value that would change behaviour (printing a config is not a run: then those are
+    returned as notes instead). Returns the notes."""
+    from .validate import refuse
+
+    problems, notes = reference_problems(cfg, section, for_run=for_run)
+    refuse(problems, section)
+    return notes

@@ -5,8 +5,8 @@ sharding, augmentation and mixing rules.
 """
 
 from .batches import DeviceBatchLoader, epoch_seed, random_crop_flip
-from .bundle import DATASET_KEY_DEFAULTS, DataBundle, build_data
-from .dataset import ArrayDataset, DatasetNotFoundError, channel_stats
+from .bundle import DATASET_KEY_DEFAULTS, DataBundle, build_data, check_trainable
+from .dataset import ArrayDataset, DataError, DatasetNotFoundError, channel_stats
 from .mixing import MixedBatch, mix_batch, mixed_cross_entropy
 from .registry import DATASETS, dataset_names, load_split, resolve_root
 from .splits import (
@@ -22,11 +22,13 @@ __all__ = [
     "DATASETS",
     "DATASET_KEY_DEFAULTS",
     "DataBundle",
+    "DataError",
     "DatasetNotFoundError",
     "DeviceBatchLoader",
     "MixedBatch",
     "build_data",
     "channel_stats",
+    "check_trainable",
     "dataset_names",
     "epoch_seed",
     "filter_classes",

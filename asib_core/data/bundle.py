@@ -6,10 +6,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from .batches import DeviceBatchLoader
-from .dataset import ArrayDataset
+from .dataset import ArrayDataset, DataError
 from .identity import SplitRecord, content_fingerprint, split_indices
 from .registry import DEFAULT_ROOT, load_split, resolve_root
 
@@ -204,6 +205,61 @@ def build_data(cfg: Mapping, device: torch.device | str = "cpu") -> DataBundle:
         val_source_index=val_idx,
         source_labels=source_labels,
     )
+
+
+def _names(ds: ArrayDataset, classes: np.ndarray) -> str:
+    shown = [repr(ds.class_names[int(c)]) for c in classes[:10]]
+    return ", ".join(shown) + (f" and {len(classes) - 10} more" if len(classes) > 10 else "")
+
+
+def check_trainable(data: DataBundle, world_size: int = 1) -> None:
+    """Refuse data a training step cannot learn from (a :class:`DataError` naming the numbers
+    and the fix). The training steps (distill, finetune) call it right after :func:`build_data`,
+    before any model is built; :func:`build_data` itself stays a plain loader.
+
+    * at least two classes;
+    * every class has training images (after the validation hold-out and ``train_per_class``)
+      and test images (the test split covers every class the model is trained on);
+    * a validation hold-out that was asked for (``val_split > 0``) is not empty;
+    * the training split holds at least one batch per process: training batches are whole
+      (the last partial batch of an epoch is dropped, see ``batches.py``), so a smaller split
+      would train no step at all; with ``world_size`` processes it must hold
+      ``batch_size * world_size`` images.
+    """
+    train, val, test = data.train, data.val, data.test
+    name = f"{data.name} ({data.root})" if data.name == "imagefolder" else data.name
+    if data.num_classes < 2:
+        raise DataError(
+            f"{name}: the dataset has {data.num_classes} class ({', '.join(data.class_names)}); a "
+            "classifier needs at least two classes. For an image folder, add a sub-folder per class "
+            "under train/ and test/."
+        )
+    for ds, what in ((train, "training"), (test, "test")):
+        empty = np.flatnonzero(ds.class_counts() == 0)
+        if empty.size:
+            extra = (" after the validation hold-out (dataset.val_split) and dataset.train_per_class"
+                     if ds is train else "")
+            raise DataError(
+                f"{name}: {empty.size} of {ds.num_classes} classes have no {what} images{extra}: "
+                f"{_names(ds, empty)}. Every class needs training and test images (for an image "
+                "folder: train/<class>/ and test/<class>/ with images in each)."
+            )
+    if len(val) == 0 and data.split_record.val_split > 0:
+        raise DataError(
+            f"{name}: the validation split is empty (dataset.val_split={data.split_record.val_split:g} of "
+            f"{len(train)} training images rounds to no image); model selection needs it. Raise "
+            "dataset.val_split or use more data."
+        )
+    world = max(int(world_size), 1)
+    if len(train) < data.batch_size * world:
+        per = f" per process x {world} processes" if world > 1 else ""
+        raise DataError(
+            f"{name}: the training split has {len(train)} images, fewer than one batch "
+            f"(batch size {data.batch_size}{per}: dataset.batch_size, or batch_size of a fine-tune "
+            "recipe); the last partial batch of an epoch is dropped, so no training step would run. "
+            f"Set the batch size to at most {len(train) // world} or train on more images "
+            "(dataset.train_per_class, dataset.val_split)."
+        )
 
 
 def open_with_torchvision(name: str, root, download: bool) -> None:

@@ -40,6 +40,14 @@ class DatasetNotFoundError(FileNotFoundError):
         return (type(self), (self.dataset, self.tried, self.how_to_get))
 
 
+class DataError(ValueError):
+    """The data exist but cannot train as given: a file that does not decode, class folders that
+    differ between the splits, fewer than two classes, a split too small for one batch.
+
+    The message is one paragraph naming the file or the numbers, and the fix.
+    """
+
+
 @dataclass
 class ArrayDataset:
     """One split of an image classification dataset held fully in memory.

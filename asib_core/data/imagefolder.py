@@ -6,7 +6,11 @@ Layout::
     <root>/test/<class name>/*.jpg|*.jpeg|*.png
 
 * Classes are the sub-folders of ``train``, sorted by name; label = index in that list.
-  ``test`` may lack classes but must not have classes that ``train`` lacks.
+  ``test`` must not have classes that ``train`` lacks (refused, naming them); the reader lets
+  ``test`` lack classes, but a run refuses that (``build_data`` checks that every class has
+  test images).
+* A file that PIL cannot decode (truncated, corrupt, not an image) is refused with a
+  :class:`DataError` naming the file.
 * Within a class, files are taken in sorted file-name order (extension match is
   case-insensitive), so the sample order is reproducible.
 * Each image is decoded with PIL, converted to RGB (grey, palette and RGBA inputs included)
@@ -28,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from .cache import cached_arrays, source_fingerprint
-from .dataset import ArrayDataset, DatasetNotFoundError, channel_stats
+from .dataset import ArrayDataset, DataError, DatasetNotFoundError, channel_stats
 
 NAME = "imagefolder"
 EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -59,8 +63,11 @@ def _list_split(root: Path, split: str, classes: list[str]) -> tuple[list[Path],
     present = _class_dirs(split_dir)
     unknown = sorted(set(present) - set(classes))
     if unknown:
-        raise ValueError(
-            f"imagefolder: {split_dir} has class folders missing from train: {unknown[:10]}"
+        raise DataError(
+            f"imagefolder: {split_dir} has class folders that {root / 'train'} lacks: "
+            f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}. Train and test need the "
+            "same class folders (a class the model never trains on cannot be predicted); add the "
+            "class to train or remove it from test."
         )
     files: list[Path] = []
     labels: list[int] = []
@@ -83,12 +90,19 @@ def decode_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
     """
     with open(path, "rb") as fh:
         data = fh.read()
-    with Image.open(io.BytesIO(data)) as img:
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.BILINEAR)
-        return np.asarray(img, dtype=np.uint8)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(
+            f"imagefolder: the image file {path} cannot be decoded ({type(exc).__name__}: {exc}); it is "
+            f"truncated, corrupt or not an image ({len(data)} bytes). Replace or delete the file."
+        ) from None
 
 
 def decode_files(files: list[Path], size: int = IMAGE_SIZE) -> np.ndarray:

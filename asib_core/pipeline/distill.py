@@ -17,7 +17,7 @@ import yaml
 
 from asib_core.config import ResolvedConfig, identity_hash, resolve_experiment
 from asib_core.config.finalize import finalize_with_runtime
-from asib_core.data import build_data
+from asib_core.data import build_data, check_trainable
 from asib_core.engine.amp import Precision, resolve_device
 from asib_core.engine.distributed import DistContext, init_distributed
 from asib_core.engine.loop import evaluate
@@ -25,13 +25,14 @@ from asib_core.engine.optim import student_optimizer
 from asib_core.engine.runner import FitSpec, TrainingRun
 from asib_core.engine.schedules import build_epoch_scheduler
 from asib_core.engine.state import atomic_save
+from asib_core.errors import check_writable_dir
 from asib_core.methods import build_distiller, get_method
 from asib_core.tracking import configure_tracking, experiment_for, open_run
 from asib_core.tracking.params import log_config_params
 from asib_core.tracking.plots import log_curves
 
 from .common import file_sha256, resume_target, run_tags, seed_everything, setup_logging, teacher_names
-from .models import build_student, load_teacher, to_device
+from .models import build_student, load_teacher, read_teacher_checkpoint, to_device
 from .teacher_splits import check_teacher_splits
 from .teachers import resolve_teachers
 
@@ -125,11 +126,17 @@ def run_distill(exp: str, overrides: list[str], *, parent_run_id: str | None = N
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     data = build_data(cfg, device)  # a missing dataset fails here, before any training state
+    check_trainable(data, dist.world_size)  # and data that cannot train
     method_cls = get_method(cfg["method_name"])
     sources = resolve_teachers(cfg) if method_cls.needs_teachers else []
-    check_teacher_splits(data, sources)  # before any model: no teacher saw a validation image
+    # a wrong teacher file, or a teacher that trained on a validation image, is refused before
+    # the run is created
+    metas = [read_teacher_checkpoint(cfg, s.role, s.path, data.num_classes, mmap=True).get("meta")
+             for s in sources]
+    check_teacher_splits(data, sources, metas)
     identity = run_identity(cfg, [s.path for s in sources])
     state_dir = Path(state_root or cfg.get("checkpoint_dir") or "checkpoints/runs") / f"distill-{identity[:20]}"
+    check_writable_dir(state_dir, "checkpoint_dir: the run's state folder")  # before the run exists
     resume_id = resume_target(state_dir) if dist.is_main else None
     resume_id = dist.broadcast_object(resume_id)
     tags = run_tags(cfg, "distill", lock.sha256, teachers="+".join(teacher_names(cfg)) if sources else "none",

@@ -19,24 +19,25 @@ from asib_core.config.casting import cast_numbers
 from asib_core.config.compose import list_finetune_recipes, to_container
 from asib_core.config.errors import ConfigError
 from asib_core.config.finalize import project_defaults
-from asib_core.config.reference import check_against_reference
-from asib_core.data import build_data
+from asib_core.config.validate import validate_config
+from asib_core.data import build_data, check_trainable
 from asib_core.data.splits import filter_classes, overlap_class_split
 from asib_core.engine.amp import Precision, resolve_device
 from asib_core.engine.finetune_schedules import build_finetune_schedulers
 from asib_core.engine.loop import evaluate
 from asib_core.engine.optim import build_optimizer
 from asib_core.engine.runner import FitSpec, TrainingRun
-from asib_core.engine.state import load_state
+from asib_core.errors import check_writable_dir
 from asib_core.methods.ce import CEOnly
 from asib_core.models import create_model
+from asib_core.models.checkpoint import check_shapes
 from asib_core.tracking import configure_tracking, experiment_for, open_run
 from asib_core.tracking.params import log_config_params
 from asib_core.tracking.plots import log_curves
 
 from .common import resume_target, run_tags, run_time_metrics, seed_everything, setup_logging
 from .distill import StepResult
-from .models import save_teacher, to_device
+from .models import save_teacher, teacher_payload, to_device
 from .teachers import TEACHER_ARTIFACT_DIR
 
 log = logging.getLogger("asib.finetune")
@@ -69,9 +70,8 @@ def finetune_config(teacher: str, dataset: str, overrides: list[str]) -> dict:
         cfg.setdefault(key, value)
     cfg["recipe"] = name
     _reconcile_aliases(cfg, {o.split("=", 1)[0].lstrip("+~") for o in overrides})
-    cfg["dataset"]["batch_size"] = int(cfg["batch_size"])
-    check_against_reference(cfg, section="finetune")
-    check_optimizer_keys(cfg)
+    validate_config(cfg, "finetune", context=f"fine-tune recipe {name}")
+    cfg["dataset"]["batch_size"] = cfg["batch_size"]  # the data pipeline reads it there
     return cfg
 
 
@@ -112,21 +112,8 @@ def ckpt_path(cfg: dict, subset_tag: str) -> Path:
     return path if subset_tag == "all" else path.with_name(f"{path.stem}-{subset_tag}{path.suffix}")
 
 
-FINETUNE_OPTIMIZERS = ("sgd", "adamw")
+#: the SGD-only keys' defaults (a recipe that does not choose SGD keeps them; validate.py)
 SGD_DEFAULTS = {"finetune_momentum": 0.9, "finetune_nesterov": True}
-
-
-def check_optimizer_keys(cfg: dict) -> None:
-    """``finetune_optimizer`` is sgd or adamw; the SGD-only keys may not be changed under adamw."""
-    kind = cfg["finetune_optimizer"]
-    if kind not in FINETUNE_OPTIMIZERS:
-        raise ConfigError(f"finetune_optimizer={kind!r} is not known; use one of {', '.join(FINETUNE_OPTIMIZERS)}.")
-    if kind == "adamw":
-        changed = [f"{k}={cfg[k]!r}" for k, v in SGD_DEFAULTS.items() if cfg[k] != v]
-        if changed:
-            raise ConfigError(
-                f"{', '.join(changed)} would have no effect: AdamW has no SGD momentum. Set "
-                "finetune_optimizer=sgd to use it, or remove the override.")
 
 
 def finetune_optimizer(cfg: dict, params) -> torch.optim.Optimizer:
@@ -146,7 +133,10 @@ def build_teacher(cfg: dict, num_classes: int):
         if not Path(init).exists():
             raise ConfigError(f"teacher_ckpt_init={init} does not exist; give a checkpoint written by "
                               "a previous fine-tune (checkpoints/teachers/...) or null.")
-        model.load_state_dict(load_state(init)["model"])
+        fix = "Give a checkpoint written by a previous fine-tune of this teacher (checkpoints/teachers/...) or null."
+        state = teacher_payload(init, cfg["teacher_type"], num_classes, "teacher_ckpt_init", fix)["model"]
+        check_shapes(model, state, f"teacher_ckpt_init {init}", fix=fix)
+        model.load_state_dict(state)
     if cfg.get("teacher_use_checkpointing"):
         model.activation_checkpointing = True
     return model
@@ -161,6 +151,7 @@ def run_finetune(teacher: str, dataset: str, overrides: list[str], *, parent_run
     seed_everything(int(cfg["seed"]), bool(cfg.get("deterministic", True)))
     device = resolve_device(cfg.get("device"))
     data = build_data(cfg, device)
+    check_trainable(data)
     subset_tag, classes = class_subset(cfg, data.num_classes)
     if classes is not None:
         data.train = filter_classes(data.train, classes)
@@ -173,6 +164,8 @@ def run_finetune(teacher: str, dataset: str, overrides: list[str], *, parent_run
                     teachers="none", student="none", teacher=teacher, class_subset=subset_tag,
                     **{"asib.identity": identity})
     state_dir = Path(cfg["checkpoint_dir"]) / f"finetune-{identity[:20]}"
+    check_writable_dir(state_dir, "checkpoint_dir: the run's state folder")  # before the run exists
+    check_writable_dir(ckpt_path(cfg, subset_tag).parent, "finetune_ckpt_path: the teacher's folder")
     with open_run(experiment=experiment_for(data.name), run_name=f"finetune {teacher} on {dataset} ({subset_tag})",
                   tags=tags, resume_run_id=resume_target(state_dir), nested=parent_run_id is not None,
                   parent_run_id=parent_run_id) as run:

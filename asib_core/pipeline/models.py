@@ -6,9 +6,9 @@ from pathlib import Path
 import torch
 
 from asib_core.config.effective import ASIB_FAMILY
-from asib_core.errors import MissingArtifactError
+from asib_core.errors import CheckpointError
 from asib_core.models import create_model
-from asib_core.engine.state import load_state
+from asib_core.models.checkpoint import check_shapes, describe_payload, is_state_dict, read_checkpoint
 
 
 def adapter_dim(cfg: dict, role: str) -> int | None:
@@ -40,30 +40,59 @@ def save_teacher(model, path: str | Path, meta: dict) -> None:
     atomic_save({"model": model.state_dict(), "meta": meta}, path)
 
 
+TEACHER_FORMAT = ("a fine-tune checkpoint written by pipelines.finetune: a dict {'model': <state dict>, "
+                  "'meta': {'teacher': <model name>, 'num_classes': <int>, ...}}")
+
+
+def teacher_fix(name: str, role: str) -> str:
+    return (f"Point {role}_ckpt at a {name} checkpoint written by `python -m pipelines.finetune "
+            f"teacher={name} dataset=...` on this dataset, or fine-tune the teacher first.")
+
+
+def read_teacher_checkpoint(cfg: dict, role: str, ckpt: str | Path, num_classes: int, *, mmap: bool = False) -> dict:
+    """The payload of the checkpoint of teacher ``role`` (see :func:`teacher_payload`)."""
+    name = cfg[role]["name"]
+    return teacher_payload(ckpt, name, num_classes, f"{role} checkpoint", teacher_fix(name, role), mmap=mmap)
+
+
+def teacher_payload(ckpt: str | Path, name: str, num_classes: int, what: str, fix: str, *,
+                    mmap: bool = False) -> dict:
+    """A fine-tune checkpoint's payload, refused (one sentence: what was expected, what was
+    found, the fix) when the file does not load, is not a fine-tune checkpoint (a bare state
+    dict, a tensor, ...), holds another teacher than ``name`` or was trained for another class
+    count. ``mmap``: map the tensors instead of reading them (a cheap check before the file is
+    loaded for real)."""
+    ckpt = Path(ckpt)
+    payload = read_checkpoint(ckpt, what, mmap=mmap)
+    if not isinstance(payload, dict) or not is_state_dict(payload.get("model")):
+        raise CheckpointError(f"{what} {ckpt} is not a teacher checkpoint: expected {TEACHER_FORMAT}; "
+                              f"found {describe_payload(payload)}. {fix}")
+    meta = payload.get("meta") if isinstance(payload.get("meta"), dict) else {}
+    if meta.get("teacher") and meta["teacher"] != name:
+        raise CheckpointError(f"{what} {ckpt} holds a '{meta['teacher']}', but a '{name}' is configured. {fix}")
+    if meta.get("num_classes") is not None and int(meta["num_classes"]) != int(num_classes):
+        raise CheckpointError(f"{what} {ckpt} was trained for {meta['num_classes']} classes "
+                              f"(dataset {meta.get('dataset', '?')}), but this run's data has {num_classes}. {fix}")
+    return payload
+
+
 def load_teacher(cfg: dict, role: str, ckpt: str | Path, num_classes: int):
     """A teacher from a fine-tune checkpoint (its distillation adapter, if any, starts fresh)."""
-    ckpt = Path(ckpt)
-    if not ckpt.exists():
-        raise MissingArtifactError(f"teacher checkpoint not found: {ckpt}")
-    payload = load_state(ckpt)
-    meta = payload.get("meta", {})
+    payload = read_teacher_checkpoint(cfg, role, ckpt, num_classes)
     name = cfg[role]["name"]
-    if meta.get("teacher") and meta["teacher"] != name:
-        raise MissingArtifactError(
-            f"{role} is configured as '{name}' but the checkpoint {ckpt} holds a '{meta['teacher']}'. "
-            f"Point {role}_ckpt at a {name} checkpoint or change {role}."
-        )
     model = create_model(name, num_classes=num_classes, pretrained=False, small_input=small_input(cfg),
                          distill_out_dim=adapter_dim(cfg, "teacher"))
-    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    what = f"{role} checkpoint {ckpt} ({name}, {num_classes} classes)"
+    check_shapes(model, payload["model"], what, ignore=("distill_adapter.",), fix=teacher_fix(name, role))
+    missing, unexpected = model.load_state_dict(
+        {k: v for k, v in payload["model"].items() if not k.startswith("distill_adapter.")}, strict=False)
     bad = [k for k in missing if not k.startswith("distill_adapter.")] + list(unexpected)
     if bad:
-        raise MissingArtifactError(
-            f"teacher checkpoint {ckpt} does not fit a {name} with {num_classes} classes "
-            f"(mismatched keys: {bad[:5]}). Fine-tune the teacher on this dataset first."
+        raise CheckpointError(
+            f"{what} does not fit the model: mismatched keys {bad[:5]}. {teacher_fix(name, role)}"
         )
     model.eval()
-    return model, meta
+    return model, payload.get("meta") or {}
 
 
 def to_device(model, device: torch.device, channels_last: bool):

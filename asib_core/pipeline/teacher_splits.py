@@ -14,10 +14,7 @@ on other data (another fingerprint) cannot be checked; the run goes on with a wa
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-
 import numpy as np
-import torch
 
 from asib_core.config.errors import ConfigError
 from asib_core.data.identity import SplitRecord, trained_indices
@@ -29,14 +26,8 @@ class TeacherSplitError(ConfigError):
     """The run's validation split contains images a teacher trained on."""
 
 
-def read_split_record(path: str | Path) -> SplitRecord | None:
-    """The training-split record of a teacher checkpoint, or None when it has none (or cannot be
-    read: loading the teacher reports that properly)."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - the teacher loader names a broken file, not this check
-        return None
-    meta = payload.get("meta") if isinstance(payload, dict) else None
+def split_record_of(meta: dict | None) -> SplitRecord | None:
+    """The training-split record in a teacher checkpoint's ``meta`` (None when it has none)."""
     raw = meta.get("data") if isinstance(meta, dict) else None
     if not isinstance(raw, dict):
         return None
@@ -46,16 +37,17 @@ def read_split_record(path: str | Path) -> SplitRecord | None:
         return None
 
 
-def check_teacher_splits(data, sources) -> list[str]:
+def check_teacher_splits(data, sources, metas) -> list[str]:
     """Refuse (``TeacherSplitError``) when a teacher trained on a validation image of ``data``.
 
-    ``sources``: the run's :class:`~asib_core.pipeline.teachers.TeacherSource` list. Returns
-    the warnings for teachers that could not be checked (also logged).
+    ``sources``: the run's :class:`~asib_core.pipeline.teachers.TeacherSource` list; ``metas``:
+    their checkpoints' ``meta`` dicts, in the same order. Returns the warnings for teachers that
+    could not be checked (also logged).
     """
     mine: SplitRecord = data.split_record
     warnings = []
-    for source in sources:
-        record = read_split_record(source.path)
+    for source, meta in zip(sources, metas, strict=True):
+        record = split_record_of(meta)
         if record is None:
             warnings.append(f"{source.role} '{source.name}' ({source.path}) records no training split: "
                             "cannot check that it never trained on this run's validation images")

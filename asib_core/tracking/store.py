@@ -7,6 +7,8 @@ from pathlib import Path
 
 import mlflow
 
+from asib_core.errors import check_writable_store
+
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlruns"
 
@@ -19,6 +21,7 @@ def configure_tracking(workdir: str | Path | None = None) -> str:
         root = Path(workdir or os.getcwd()).resolve()
         uri = f"sqlite:///{root / DEFAULT_DB}"
         os.environ["MLFLOW_TRACKING_URI"] = uri
+    check_writable_store(uri)  # a read-only store is refused before any run is created (#14)
     mlflow.set_tracking_uri(uri)
     return uri
 
