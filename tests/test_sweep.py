@@ -2,8 +2,8 @@
 
 Trials are real distillation runs on digits, kept tiny: the cross-entropy student alone (no
 teachers to train), 10 images per class, two epochs. A one-parameter space over the student's
-learning rate makes the outcome of enqueued trials predictable: lr 0.1 and 0.08 learn, lr 1e-6 does not
-(so a median pruner prunes it after epoch 1, but not the good 0.08 after the good 0.1), lr -1
+learning rate makes the outcome of enqueued trials predictable: lr 0.1 learns, lr 1e-6 does not (so a median
+pruner prunes it after epoch 1, but not a second lr 0.1 trial after the first), lr -1
 fails inside its run (the optimiser refuses it) and the value "fast" fails before any run starts
 (Optuna cannot read it as a float).
 """
@@ -44,7 +44,8 @@ LR_SPACE = {
     "pruner": {"median": {"n_startup_trials": 1, "n_warmup_steps": 0}},
 }
 POSITIVE_LR_SPACE = {"params": {"student_lr": {"type": "float", "low": 0.01, "high": 0.2, "log": True}}}
-GOOD, BAD, BROKEN, UNREADABLE, ALSO_GOOD = 0.1, 1e-6, -1.0, "fast", 0.08
+GOOD, BAD, BROKEN, UNREADABLE = 0.1, 1e-6, -1.0, "fast"
+ALSO_GOOD = GOOD      # the same good config again: trains to the same curve (deterministic)
 
 
 # --------------------------------------------------------------------------- search spaces
@@ -229,7 +230,7 @@ def enqueue(storage: str, name: str, *lrs: float) -> None:
 @pytest.fixture(scope="module")
 def small_sweep(home):
     """Five trials: lr 0.1 (COMPLETE), lr -1 (FAIL in its run), lr 1e-6 (PRUNED), "fast" (FAIL
-    before its run), lr 0.08 (COMPLETE: a good trial after a good one is not pruned)."""
+    before its run), lr 0.1 again (COMPLETE: a good trial after a good one is not pruned)."""
     enqueue("", "small", GOOD, BROKEN, BAD, UNREADABLE, ALSO_GOOD)
     settings = SweepSettings(exp="quickstart", space=str(home / "lr.yaml"), n_trials=5, study_name="small",
                              pruner="median", overrides=list(FAST))
@@ -279,7 +280,7 @@ def test_pruning_stops_the_trial_that_does_not_learn(small_sweep):
     # the good trial after the good one: reported both epochs, completed, not pruned
     assert trials[4].state == optuna.trial.TrialState.COMPLETE
     assert trials[4].intermediate_values.keys() == {1, 2}
-    assert trials[4].intermediate_values[1] > trials[2].intermediate_values[1]
+    assert trials[4].intermediate_values == trials[0].intermediate_values
     assert "asib.pruned" not in next(r for r in trial_runs("small")
                                      if r.data.tags["optuna.trial_number"] == "4").data.tags
 
