@@ -4,6 +4,12 @@ of a sweep without pruning, and of the same sweep under each pruner.
     python benchmarks/bench_pruning.py --teacher1 T1.pt [--teacher2 T2.pt] [--data "OVERRIDES"]
         [--work DIR] [--n-trials 8] [--epochs 30] [--space kd_tau] [--sampler-seed 0]
         [--pruners successive_halving hyperband median] [--verify successive_halving]
+    python benchmarks/bench_pruning.py --setting digits [...]     # a small proxy, no CIFAR teachers
+
+``--setting digits`` is the same measurement on the embedded digits (experiment quickstart:
+teachers resnet20 + wrn_16_2 fine-tuned once (4 epochs) in the work directory on all the training images,
+student resnet8 on 30 labelled images per class, 30 epochs, KD from both teachers): the shape of
+the protocol (strong teachers, a low-data student, 30 epochs) at a cost the CPU of a laptop bears.
 
 The students are the protocol's (configs/benchmark/cifar10_lowdata.yaml `common`: resnet8,
 5,000 images, 30 epochs, SGD + cosine) with the protocol's KD recipe from teacher 1
@@ -47,6 +53,18 @@ def protocol_common(epochs: int | None) -> list[str]:
     return common
 
 
+def digits_setup(args) -> tuple[str, list[str]]:
+    """quickstart on digits: teachers fine-tuned once in the work directory, a 30-per-class student."""
+    from asib_core.pipeline.finetune import run_finetune
+    from asib_core.pipeline.teachers import find_finetune_run
+
+    for teacher in ("resnet20", "wrn_16_2"):
+        if find_finetune_run(teacher, "digits", "all") is None:
+            run_finetune(teacher, "digits", [f"finetune_epochs={args.teacher_epochs}"])
+    return "quickstart", ["experiment.dataset.train_per_class=30",
+                          f"experiment.student_epochs_per_stage=[{args.epochs or 30}]", "experiment.seed=0"]
+
+
 def fixed_overrides(args) -> list[str]:
     recipe = ["recipe=kd_paper"] if KD_RECIPE.is_file() else VANILLA_KD
     teachers = [f"experiment.teacher1_ckpt={Path(args.teacher1).resolve()}"]
@@ -56,11 +74,11 @@ def fixed_overrides(args) -> list[str]:
             "experiment.kd_target=teacher", "experiment.kd_teacher_index=0", "experiment.seed=0"]
 
 
-def sweep(args, name: str, pruner: str, fixed: list[str]):
+def sweep(args, name: str, pruner: str, exp: str, fixed: list[str]):
     from asib_core.sweep.runner import SweepSettings, run_sweep
 
     start = time.perf_counter()
-    result = run_sweep(SweepSettings(exp="sota_generic", space=args.space, n_trials=args.n_trials, study_name=name,
+    result = run_sweep(SweepSettings(exp=exp, space=args.space, n_trials=args.n_trials, study_name=name,
                                      sampler="random", sampler_seed=args.sampler_seed, pruner=pruner,
                                      overrides=fixed, out_dir=str(Path("sweeps") / name)))
     return result, time.perf_counter() - start
@@ -106,8 +124,10 @@ def replay(name: str, pruner: str, curves: list, space, total_epochs: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher1", required=True, help="teacher checkpoint the KD student learns from")
+    parser.add_argument("--setting", choices=("protocol", "digits"), default="protocol")
+    parser.add_argument("--teacher1", default=None, help="protocol: the teacher checkpoint the KD student learns from")
     parser.add_argument("--teacher2", default=None)
+    parser.add_argument("--teacher-epochs", type=int, default=4, help="digits: the teachers' fine-tune epochs")
     parser.add_argument("--data", default="", help="Hydra overrides of the protocol's student data")
     parser.add_argument("--work", default="bench-pruning")
     parser.add_argument("--n-trials", type=int, default=8)
@@ -115,7 +135,8 @@ def main() -> None:
     parser.add_argument("--space", default="kd_tau")
     parser.add_argument("--sampler-seed", type=int, default=0)
     parser.add_argument("--pruners", nargs="*", default=["successive_halving", "hyperband", "median"])
-    parser.add_argument("--verify", default=None, help="also run the sweep with this pruner for real")
+    parser.add_argument("--verify", default=None, help="also run the sweep with this pruner for real ('auto': the replayed pruner "
+                        "with the fewest epochs at the unpruned best value)")
     args = parser.parse_args()
 
     from asib_core.sweep.space import load_space
@@ -125,12 +146,17 @@ def main() -> None:
     os.chdir(work)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     os.environ.setdefault("ASIB_NO_PROGRESS", "1")
-    fixed = fixed_overrides(args)
-    tag = f"{args.space}-n{args.n_trials}-s{args.sampler_seed}"
+    if args.setting == "digits":
+        exp, fixed = digits_setup(args)
+    elif not args.teacher1:
+        parser.error("--teacher1 is required for the protocol setting (or use --setting digits)")
+    else:
+        exp, fixed = "sota_generic", fixed_overrides(args)
+    tag = f"{args.setting}-{args.space}-n{args.n_trials}-s{args.sampler_seed}"
     print(f"fixed overrides: {' '.join(fixed)}", flush=True)
     base_name = f"prune-none-{tag}"
     if len(load_or_none(base_name)) < args.n_trials:
-        result, wall = sweep(args, base_name, "none", fixed)
+        result, wall = sweep(args, base_name, "none", exp, fixed)
         print(f"unpruned sweep: {result.counts} in {wall:.0f} s (parent run {result.parent_run_id})", flush=True)
     trials = sorted(load(base_name).get_trials(), key=lambda t: t.number)
     space = load_space(args.space)
@@ -144,13 +170,16 @@ def main() -> None:
     for pruner in args.pruners:
         name = f"prune-{pruner}-{tag}"
         rows.append((f"{pruner} (replay)", *summary(replay(name, pruner, curves, space, total)), name))
+    if args.verify == "auto":   # the replayed pruner that saves most while keeping the best value
+        kept = [r for r in rows[1:] if r[2] == base[1]]
+        args.verify = min(kept, key=lambda r: r[1])[0].split()[0] if kept else None
     if args.verify:
         name = f"prune-{args.verify}-{tag}"
         if len(load_or_none(name)) < args.n_trials:
-            result, wall = sweep(args, name, args.verify, fixed)
+            result, wall = sweep(args, name, args.verify, exp, fixed)
             print(f"pruned sweep ({args.verify}): {result.counts} in {wall:.0f} s", flush=True)
         rows.append((f"{args.verify} (run)", *summary(load(name).get_trials()), name))
-    print(f"\n| sweep ({args.n_trials} trials of {args.space}, random sampler, seed {args.sampler_seed}, "
+    print(f"\n| {args.setting}: sweep ({args.n_trials} trials of {args.space}, random sampler, seed {args.sampler_seed}, "
           f"{total} epochs max) | student epochs | fewer than unpruned | pruned trials | best val | best trial | "
           "same best |")
     print("|---|---|---|---|---|---|---|")

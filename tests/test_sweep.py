@@ -487,6 +487,7 @@ def test_a_dead_workers_trial_is_retried_and_its_runs_closed(home):
     assert retry.number == orphan.number + 1 and retry.params == trials[orphan.number].params
     assert rc.retry_history(trials[retry.number]) == [orphan.number]
     assert retry.user_attrs[rc.WORKER_ATTR] == worker_identity()
+    assert all(not retry.user_attrs.get(key) for key in rc.ATTEMPT_ATTRS)   # no marks of the dead attempt
     assert st.count_trials(study) == 1                       # the retry counts, the dead trial does not
     for run_id in (parent, run):
         assert client.get_run(run_id).info.status == "KILLED"
@@ -515,7 +516,8 @@ def test_heartbeats_fail_and_retry_a_trial_whose_worker_went_silent(home, tmp_pa
     client = MlflowClient()
     exp = client.create_experiment("beats")
     parent = client.create_run(exp, tags={"optuna.study_name": "beats", "step": "sweep"})
-    run = client.create_run(exp, tags={"optuna.study_name": "beats", "sweep.trial_uid": "silent-uid"})
+    run = client.create_run(exp, tags={"optuna.study_name": "beats", "sweep.trial_uid": "silent-uid",
+                                       "optuna.trial_number": str(silent.number)})
     silent.set_user_attr(rc.UID_ATTR, "silent-uid")
     silent.set_user_attr(rc.PARENT_ATTR, parent.info.run_id)
     beating = st.ask_next(study, store, 5, elsewhere)

@@ -6,7 +6,8 @@ nested run in the matching status, and no run is left RUNNING.
 Kill points: a random delay after the start (imports, study, parent run), the parent run's
 creation, a trial handed out, a trial run's first epoch, a trial run's end (before its trial is
 told, or while the worker reports); each plus a seeded random delay. The MLflow store exists
-before the first worker (a kill during its creation is the tracking suite's case).
+before the first worker (a kill during its creation is the tracking suite's case); ``max_retry``
+is the number of kills, so that retries cannot run out (running out counts as a FAIL, by design).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from asib_core.sweep.recovery import RETRIED_TAG, retry_history
 from tests.sweep_helpers import runs_of, start_worker, study_trials, trial_runs_of, wait_for
 
 SEED = 14
-KILLS = 5
+KILLS = 4
 N_TRIALS = 3
 FAST = ["method=ce", "experiment.student_epochs_per_stage=[2]", "experiment.dataset.train_per_class=10",
         "experiment.dataset.val_split=0.05", "experiment.dataset.batch_size=16", "experiment.eval_batch_size=256",
@@ -57,7 +58,7 @@ def test_sweep_worker_survives_sigkill_anywhere(tmp_path):
     MlflowClient().search_experiments()                  # the store exists before the first worker
     name, journal = "faults", str(home / "journal.log")
     args = ["exp=quickstart", f"space={home / 'lr.yaml'}", f"n_trials={N_TRIALS}", f"study_name={name}",
-            f"storage={journal}", "pruner=none", "overrides=" + " ".join(FAST)]
+            f"storage={journal}", "pruner=none", f"max_retry={KILLS}", "overrides=" + " ".join(FAST)]
     snapshot = _events(name, journal)
     rng = random.Random(SEED)
     tried = []
@@ -92,8 +93,10 @@ def test_sweep_worker_survives_sigkill_anywhere(tmp_path):
     for number, retry in retried.items():
         assert trials[number].state.name == "FAIL" and retry.params == trials[number].params
     counted = [t for t in trials if not (t.state.name == "FAIL" and t.number in retried)]
-    assert len(counted) == N_TRIALS and all(t.state.name == "COMPLETE" for t in counted)
     runs = trial_runs_of(name)
+    assert len(counted) == N_TRIALS and all(t.state.name == "COMPLETE" for t in counted), (
+        f"after kills {tried}: trials {[(t.number, t.state.name, retry_history(t)) for t in trials]}, runs "
+        f"{[(r.data.tags.get('optuna.trial_number'), r.info.status, r.data.tags.get('asib.error')) for r in runs]}")
     by_number: dict = {}
     for run in runs:
         by_number.setdefault(int(run.data.tags["optuna.trial_number"]), []).append(run)

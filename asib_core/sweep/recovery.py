@@ -29,7 +29,6 @@ import shutil
 import socket
 import threading
 import warnings
-from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
@@ -39,6 +38,9 @@ WORKER_ATTR = "asib.worker"            # host:pid:start of the worker running th
 UID_ATTR = "asib.trial_uid"            # = the trial run's tag sweep.trial_uid
 PARENT_ATTR = "asib.parent_run_id"     # the worker's parent MLflow run
 STATE_ATTR = "asib.state_dir"          # the trial's resumable-state folder
+#: a trial's marks of one attempt; a retry starts with copies of its predecessor's (Optuna's
+#: retry callback copies the user attributes), cleared when the retry is handed out
+ATTEMPT_ATTRS = (UID_ATTR, PARENT_ATTR, STATE_ATTR, "mlflow_run_id", "config_sha256")
 IDENTITY_TAG = "sweep.worker_identity"
 RETRIED_TAG = "asib.retried_as"
 
@@ -133,7 +135,9 @@ def close_trial_runs(trial, reason: str, retry: int | None) -> list[str]:
     closed = []
     tags = {"optuna.state": "FAIL"} | ({RETRIED_TAG: retry} if retry is not None else {})
     uid = trial.user_attrs.get(UID_ATTR)
-    for run in _runs(f"tags.`sweep.trial_uid` = '{uid}'") if uid else []:
+    # the trial number too: a retry starts with a copy of its dead predecessor's attributes
+    for run in _runs(f"tags.`sweep.trial_uid` = '{uid}' and tags.`optuna.trial_number` = '{trial.number}'") \
+            if uid else []:
         client = MlflowClient()
         for key, value in tags.items():
             client.set_tag(run.info.run_id, key, str(value))
@@ -226,7 +230,3 @@ class Heartbeat:
         if self._thread is not None:
             self._thread.join()
 
-
-def remove_if_empty(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.rmdir()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from asib_core.config.errors import ConfigError
 
-from .recovery import WORKER_ATTR, Heartbeat, fail_dead_trials, quiet_experimental, retried_numbers
+from .recovery import ATTEMPT_ATTRS, WORKER_ATTR, Heartbeat, fail_dead_trials, quiet_experimental, retried_numbers
 from .space import SearchSpace
 from .storage import StudyStorage
 
@@ -147,5 +147,8 @@ def ask_next(study, store: StudyStorage, n_trials: int, identity: str, make_samp
         with quiet_experimental():
             trial = study.ask()
         trial.set_user_attr(WORKER_ATTR, identity)
+        for key in ATTEMPT_ATTRS:
+            if trial.user_attrs.get(key):
+                trial.set_user_attr(key, "")
         Heartbeat(store.storage, study.study_name, trial.number).beat()   # stale-able from now on
         return trial
