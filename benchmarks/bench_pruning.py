@@ -8,7 +8,7 @@ of a sweep without pruning, and of the same sweep under each pruner.
 
 ``--setting digits`` is the same measurement on the embedded digits (experiment quickstart:
 teachers resnet20 + wrn_16_2 fine-tuned once (4 epochs) in the work directory on all the training images,
-student resnet8 on 30 labelled images per class, 30 epochs, KD from both teachers): the shape of
+student resnet8 on 30 labelled images per class (``--per-class``), 30 epochs, KD from both teachers): the shape of
 the protocol (strong teachers, a low-data student, 30 epochs) at a cost the CPU of a laptop bears.
 
 The students are the protocol's (configs/benchmark/cifar10_lowdata.yaml `common`: resnet8,
@@ -54,14 +54,14 @@ def protocol_common(epochs: int | None) -> list[str]:
 
 
 def digits_setup(args) -> tuple[str, list[str]]:
-    """quickstart on digits: teachers fine-tuned once in the work directory, a 30-per-class student."""
+    """quickstart on digits: teachers fine-tuned once in the work directory, a low-data student."""
     from asib_core.pipeline.finetune import run_finetune
     from asib_core.pipeline.teachers import find_finetune_run
 
     for teacher in ("resnet20", "wrn_16_2"):
         if find_finetune_run(teacher, "digits", "all") is None:
             run_finetune(teacher, "digits", [f"finetune_epochs={args.teacher_epochs}"])
-    return "quickstart", ["experiment.dataset.train_per_class=30",
+    return "quickstart", [f"experiment.dataset.train_per_class={args.per_class}",
                           f"experiment.student_epochs_per_stage=[{args.epochs or 30}]", "experiment.seed=0"]
 
 
@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--teacher1", default=None, help="protocol: the teacher checkpoint the KD student learns from")
     parser.add_argument("--teacher2", default=None)
     parser.add_argument("--teacher-epochs", type=int, default=4, help="digits: the teachers' fine-tune epochs")
+    parser.add_argument("--per-class", type=int, default=30, help="digits: the student's labelled images per class")
     parser.add_argument("--data", default="", help="Hydra overrides of the protocol's student data")
     parser.add_argument("--work", default="bench-pruning")
     parser.add_argument("--n-trials", type=int, default=8)
@@ -152,7 +153,7 @@ def main() -> None:
         parser.error("--teacher1 is required for the protocol setting (or use --setting digits)")
     else:
         exp, fixed = "sota_generic", fixed_overrides(args)
-    tag = f"{args.setting}-{args.space}-n{args.n_trials}-s{args.sampler_seed}"
+    tag = f"{args.setting}-{args.space}-n{args.n_trials}-e{args.epochs}-s{args.sampler_seed}"
     print(f"fixed overrides: {' '.join(fixed)}", flush=True)
     base_name = f"prune-none-{tag}"
     if len(load_or_none(base_name)) < args.n_trials:
