@@ -71,8 +71,9 @@ def main() -> None:
         number = victim.data.tags["optuna.trial_number"]
         os.kill(w1.pid, signal.SIGKILL)
         w1.wait()
-        say(f"SIGKILL worker 1 during trial {number} (its run {victim.info.run_id} had logged epoch "
-            f"{int(max(m.step for m in mlflow.MlflowClient().get_metric_history(victim.info.run_id, 'val/acc')))})")
+        epochs = len(mlflow.MlflowClient().get_metric_history(victim.info.run_id, "val/acc"))
+        say(f"SIGKILL worker 1 during trial {number} (its run {victim.info.run_id} had logged {epochs} of "
+            f"{args.epochs} epochs)")
         out0 = w0.communicate(timeout=1800)[0]
         say(f"worker 0 exited {w0.returncode}")
         print("\n".join("    " + line for line in out0.splitlines() if "retried" in line or "ended FAIL" in line
