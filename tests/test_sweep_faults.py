@@ -90,8 +90,8 @@ def test_sweep_worker_survives_sigkill_anywhere(tmp_path):
     assert st.count_trials(study) == N_TRIALS
     assert all(t.state.is_finished() for t in trials), [(t.number, t.state.name) for t in trials]
     retried = {n: t for t in trials for n in retry_history(t)[-1:]}      # dead trial -> its retry
-    for number, retry in retried.items():
-        assert trials[number].state.name == "FAIL" and retry.params == trials[number].params
+    for number, retry in retried.items():     # (a trial killed before it sampled has no parameters to keep)
+        assert trials[number].state.name == "FAIL" and trials[number].params.items() <= retry.params.items()
     counted = [t for t in trials if not (t.state.name == "FAIL" and t.number in retried)]
     runs = trial_runs_of(name)
     assert len(counted) == N_TRIALS and all(t.state.name == "COMPLETE" for t in counted), (
