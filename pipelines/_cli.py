@@ -58,6 +58,8 @@ COUNT_OPTIONS = {
     "n_trials": (1, "the number of trials the study should hold in total"),
     "sampler_seed": (0, "the seed of the Optuna sampler"),
     "worker": (0, "this sweep worker's index (0, 1, ...)"),
+    "heartbeat": (1, "the seconds between a sweep trial's heartbeats on a database storage"),
+    "max_retry": (0, "how often a dead worker's trial is retried"),
 }
 ENV_MANAGERS = ("local", "virtualenv", "uv", "conda")
 

@@ -1,12 +1,14 @@
 """Entry point ``sweep``: an Optuna search over distillation runs, one nested MLflow run per trial.
 
     python -m pipelines.sweep exp=L1_ib n_trials=20 [space=default] [study_name=NAME]
-        [storage=PATH|URL] [sampler_seed=0] [pruner=median|hyperband|none] [worker=0]
+        [storage=PATH|URL] [sampler=tpe|gp|random] [sampler_seed=0]
+        [pruner=median|successive_halving|hyperband|none] [worker=0] [heartbeat=60] [max_retry=2]
         [overrides="experiment.KEY=VALUE ..."]
 
 Start more workers on the same study (same exp, space, study_name, storage) to run trials in
 parallel; ``n_trials`` is the study's total. Exit 0 once the study holds n_trials trials and
-at least one completed, 1 if none completed, 2 on a user error.
+at least one completed, 1 if none completed, 2 on a user error, 130 when interrupted (Ctrl-C,
+SIGTERM: the same command resumes).
 """
 from __future__ import annotations
 
@@ -14,12 +16,25 @@ import sys
 
 from pipelines._cli import count_option, parse_exp_args, pop_option, user_errors
 
+INTERRUPTED_EXIT = 130      # the shell's code for a process ended by SIGINT
+
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return sweep(argv)
+    except KeyboardInterrupt as exc:
+        print(f"sweep interrupted ({exc or 'Ctrl-C'}): the running trial ended FAIL and is retried with its "
+              "parameters, its run and this worker's parent run ended KILLED. Run the same command again to "
+              "resume the study.", file=sys.stderr)
+        return INTERRUPTED_EXIT
+
+
+def sweep(argv: list[str] | None) -> int:
     with user_errors():
         argv = list(sys.argv[1:] if argv is None else argv)
         counts = {name: count_option(argv, name, default)
-                  for name, default in (("n_trials", 20), ("sampler_seed", 0), ("worker", 0))}
+                  for name, default in (("n_trials", 20), ("sampler_seed", 0), ("worker", 0),
+                                        ("heartbeat", 60), ("max_retry", 2))}
         from asib_core.sweep import SweepSettings, run_sweep  # heavy: after the counts are checked
 
         settings = SweepSettings(
@@ -27,9 +42,12 @@ def main(argv: list[str] | None = None) -> int:
             n_trials=counts["n_trials"],
             study_name=pop_option(argv, "study_name", ""),
             storage=pop_option(argv, "storage", ""),
+            sampler=pop_option(argv, "sampler", ""),
             sampler_seed=counts["sampler_seed"],
             pruner=pop_option(argv, "pruner", "median"),
             worker=counts["worker"],
+            heartbeat=counts["heartbeat"],
+            max_retry=counts["max_retry"],
         )
         settings.exp, settings.overrides = parse_exp_args(argv, default_exp="quickstart")
         result = run_sweep(settings)

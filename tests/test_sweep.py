@@ -2,21 +2,21 @@
 
 Trials are real distillation runs on digits, kept tiny: the cross-entropy student alone (no
 teachers to train), 10 images per class, two epochs. A one-parameter space over the student's
-learning rate makes the outcome of enqueued trials predictable: lr 0.1 learns, lr 1e-6 does not
-(so a median pruner prunes it after epoch 1), lr -1 fails inside its run (the optimiser refuses
-it) and the value "fast" fails before any run starts (Optuna cannot read it as a float).
+learning rate makes the outcome of enqueued trials predictable: lr 0.1 learns, lr 1e-6 does not (so a median
+pruner prunes it after epoch 1, but not a second lr 0.1 trial after the first), lr -1
+fails inside its run (the optimiser refuses it) and the value "fast" fails before any run starts
+(Optuna cannot read it as a float).
 """
 from __future__ import annotations
 
-import glob
 import os
-import pwd
-import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
-import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -28,20 +28,26 @@ from mlflow.tracking import MlflowClient
 
 from asib_core.config import ConfigError, resolve_experiment
 from asib_core.sweep import SweepSettings, load_space, open_storage, run_sweep
+from asib_core.sweep.recovery import worker_identity
 from asib_core.sweep.space import format_value, parse_space
 from pipelines._cli import parse_exp_args
 from tests.pipeline_helpers import ROOT, env_for
+from tests.sweep_helpers import (NoPostgres, free_port, runs_of, start_worker, study_trials, throwaway_postgres,
+                                 trial_run_with_epoch, wait_for)
 
 FAST = ["method=ce", "experiment.student_epochs_per_stage=[2]", "experiment.dataset.train_per_class=10",
         "experiment.dataset.val_split=0.05", "experiment.dataset.batch_size=16", "experiment.eval_batch_size=256",
         "experiment.schedule.lr_warmup_epochs=0"]
 LR_SPACE = {
-    "params": {"student_lr": {"type": "float", "low": -1.0, "high": 0.2}},
+    # 1e6 is a valid learning rate (the config validator accepts it) on which SGD diverges at
+    # once: the non-finite loss survives SAFE-RETRY, so that trial's run fails
+    "params": {"student_lr": {"type": "float", "low": 1e-6, "high": 1e6, "log": True}},
     "sampler": {"name": "tpe", "n_startup_trials": 2},
     "pruner": {"median": {"n_startup_trials": 1, "n_warmup_steps": 0}},
 }
 POSITIVE_LR_SPACE = {"params": {"student_lr": {"type": "float", "low": 0.01, "high": 0.2, "log": True}}}
-GOOD, BAD, BROKEN, UNREADABLE = 0.1, 1e-6, -1.0, "fast"
+GOOD, BAD, BROKEN, UNREADABLE = 0.1, 1e-6, 1e6, "fast"
+ALSO_GOOD = GOOD      # the same good config again: trains to the same curve (deterministic)
 
 
 # --------------------------------------------------------------------------- search spaces
@@ -120,7 +126,7 @@ def _ask_and_tell(journal: str, n_trials: int, out) -> None:
     store = open_storage(journal)
     study = optuna.load_study(study_name=Path(journal).stem, storage=store.storage)
     taken = []
-    while (trial := st.ask_next(study, store, n_trials, st.worker_identity(),
+    while (trial := st.ask_next(study, store, n_trials, worker_identity(),
                                 make_sampler=lambda seed: optuna.samplers.RandomSampler(seed=seed))) is not None:
         x = trial.suggest_float("x", 0.0, 1.0)
         study.tell(trial, x)
@@ -153,24 +159,6 @@ def test_the_ask_lock_keeps_concurrent_workers_at_the_exact_total(tmp_path):
         optuna.create_study(study_name=path.stem, storage=open_storage(str(path)).storage, direction="maximize")
         _ask_and_tell(str(path), 5, out)
     assert out.get(timeout=10) == out.get(timeout=10)
-
-
-def test_a_trial_left_running_by_a_dead_worker_is_failed_and_not_counted(tmp_path):
-    from asib_core.sweep import study as st
-
-    store = open_storage(str(tmp_path / "orphan.log"))
-    study = optuna.create_study(study_name="orphan", storage=store.storage, direction="maximize")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True)
-    orphan = study.ask()
-    orphan.set_user_attr(st.WORKER_ATTR, f"{socket.gethostname()}:{dead.stdout.strip()}:1.0")
-    alive = st.ask_next(study, store, 5, st.worker_identity())     # our own: still running
-    assert st.fail_orphans(study) == []                            # ask_next already failed the orphan
-    trials = study.get_trials()
-    assert trials[orphan.number].state == optuna.trial.TrialState.FAIL
-    assert trials[orphan.number].user_attrs[st.INTERRUPTED_ATTR] == "worker process died"
-    assert trials[alive.number].state == optuna.trial.TrialState.RUNNING
-    assert st.count_trials(study) == 1                             # the orphan gets a replacement
 
 
 def test_each_worker_takes_one_gpu_when_several_are_visible(monkeypatch):
@@ -243,10 +231,10 @@ def enqueue(storage: str, name: str, *lrs: float) -> None:
 
 @pytest.fixture(scope="module")
 def small_sweep(home):
-    """Four trials: lr 0.1 (COMPLETE), lr -1 (FAIL in its run), lr 1e-6 (PRUNED), "fast" (FAIL
-    before its run)."""
-    enqueue("", "small", GOOD, BROKEN, BAD, UNREADABLE)
-    settings = SweepSettings(exp="quickstart", space=str(home / "lr.yaml"), n_trials=4, study_name="small",
+    """Five trials: lr 0.1 (COMPLETE), lr -1 (FAIL in its run), lr 1e-6 (PRUNED), "fast" (FAIL
+    before its run), lr 0.1 again (COMPLETE: a good trial after a good one is not pruned)."""
+    enqueue("", "small", GOOD, BROKEN, BAD, UNREADABLE, ALSO_GOOD)
+    settings = SweepSettings(exp="quickstart", space=str(home / "lr.yaml"), n_trials=5, study_name="small",
                              pruner="median", overrides=list(FAST))
     return settings, run_sweep(settings)
 
@@ -254,10 +242,11 @@ def small_sweep(home):
 def test_small_sweep_has_one_nested_run_per_trial_with_its_state(small_sweep):
     settings, result = small_sweep
     assert [(o.number, o.state) for o in result.outcomes] == [(0, "COMPLETE"), (1, "FAIL"), (2, "PRUNED"),
-                                                              (3, "FAIL")]
+                                                              (3, "FAIL"), (4, "COMPLETE")]
     runs = {int(r.data.tags["optuna.trial_number"]): r for r in trial_runs("small")}
-    assert sorted(runs) == [0, 1, 2, 3]
-    expected = {0: ("FINISHED", "COMPLETE", GOOD), 1: ("FAILED", "FAIL", BROKEN), 2: ("KILLED", "PRUNED", BAD)}
+    assert sorted(runs) == [0, 1, 2, 3, 4]
+    expected = {0: ("FINISHED", "COMPLETE", GOOD), 1: ("FAILED", "FAIL", BROKEN), 2: ("KILLED", "PRUNED", BAD),
+                4: ("FINISHED", "COMPLETE", ALSO_GOOD)}
     for number, (status, state, lr) in expected.items():
         run = runs[number]
         tags = run.data.tags
@@ -290,6 +279,64 @@ def test_pruning_stops_the_trial_that_does_not_learn(small_sweep):
     assert trials[0].intermediate_values.keys() == {1, 2}      # one report per epoch
     assert list(trials[2].intermediate_values) == [1]          # stopped after its first epoch
     assert trials[2].state == optuna.trial.TrialState.PRUNED
+    # the good trial after the good one: reported both epochs, completed, not pruned
+    assert trials[4].state == optuna.trial.TrialState.COMPLETE
+    assert trials[4].intermediate_values.keys() == {1, 2}
+    assert trials[4].intermediate_values == trials[0].intermediate_values
+    assert "asib.pruned" not in next(r for r in trial_runs("small")
+                                     if r.data.tags["optuna.trial_number"] == "4").data.tags
+
+
+def test_resource_pruners_are_built_and_prune(home):
+    """Successive halving and Hyperband with a minimum resource of one epoch: the bad trial
+    after a good one stops at its first rung (epoch 1); the good one completes."""
+    space = home / "lr_rungs.yaml"
+    space.write_text(yaml.safe_dump(LR_SPACE | {"pruner": {"successive_halving": {"min_resource": 1},
+                                                           "hyperband": {"min_resource": 1, "reduction_factor": 3}}}))
+    for pruner in ("successive_halving", "hyperband"):
+        name = f"rungs-{pruner}"
+        enqueue("", name, GOOD, BAD)
+        result = run_sweep(SweepSettings(exp="quickstart", space=str(space), n_trials=2, study_name=name,
+                                         pruner=pruner, overrides=list(FAST)))
+        assert [(o.number, o.state) for o in result.outcomes] == [(0, "COMPLETE"), (1, "PRUNED")], pruner
+        trials = optuna.load_study(study_name=name, storage=open_storage("").storage).get_trials()
+        assert list(trials[1].intermediate_values) == [1] and list(trials[0].intermediate_values) == [1, 2]
+        run = next(r for r in trial_runs(name) if r.data.tags["optuna.trial_number"] == "1")
+        assert run.data.tags["asib.pruned"].startswith(f"pruned by the {pruner} pruner after epoch 1")
+        assert MlflowClient().get_run(result.parent_run_id).data.params["sweep.pruner"] == pruner
+
+
+ONE_EPOCH = [o for o in FAST if "student_epochs_per_stage" not in o] + ["experiment.student_epochs_per_stage=[1]"]
+
+
+def test_sampler_seed_reproduces_the_trials_and_samplers_are_selectable(home):
+    """Through the entry point: the same sampler_seed gives the same trials (the model-based
+    second trial too), another seed other trials; sampler=gp picks Optuna's GP sampler."""
+    from pipelines.sweep import main
+
+    space = home / "lr_model.yaml"
+    space.write_text(yaml.safe_dump({"params": POSITIVE_LR_SPACE["params"],
+                                     "sampler": {"name": "tpe", "n_startup_trials": 1}}))
+
+    def sweep(name: str, seed: int, *extra: str) -> list:
+        code = main(["exp=quickstart", f"space={space}", "n_trials=2", f"study_name={name}", f"sampler_seed={seed}",
+                     "pruner=none", "overrides=" + " ".join(ONE_EPOCH), *extra])
+        assert code == 0
+        return optuna.load_study(study_name=name, storage=open_storage("").storage).get_trials()
+
+    first, again, other = sweep("seed-a", 7), sweep("seed-b", 7), sweep("seed-c", 8)
+    assert [t.params for t in first] == [t.params for t in again]
+    assert [t.value for t in first] == [t.value for t in again]        # same trials, same training
+    assert [t.params for t in other] != [t.params for t in first]
+    assert first[0].params != first[1].params
+    gp = sweep("seed-gp", 7, "sampler=gp")
+    assert [t.state.name for t in gp] == ["COMPLETE", "COMPLETE"]
+    assert gp[0].params == first[0].params          # the startup trial is drawn alike, the next by the GP
+    parents = {r.data.tags["optuna.study_name"]: r for r in study_runs("seed-gp") + study_runs("seed-a")
+               if r.data.tags.get("step") == "sweep"}
+    assert parents["seed-gp"].data.params["sweep.sampler"] == "gp"
+    assert parents["seed-a"].data.params["sweep.sampler"] == "tpe"
+    assert parents["seed-a"].data.params["sweep.sampler_seed"] == "7"
 
 
 def test_parent_run_reports_best_trials_plots_and_a_best_config_file(small_sweep, home):
@@ -297,23 +344,24 @@ def test_parent_run_reports_best_trials_plots_and_a_best_config_file(small_sweep
     client = MlflowClient()
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["step"] == "sweep"
-    assert parent.data.metrics["best_value"] == result.outcomes[0].value
-    assert parent.data.metrics["n_complete"] == 1 and parent.data.metrics["n_pruned"] == 1
+    best = max((o for o in result.outcomes if o.state == "COMPLETE"), key=lambda o: (o.value, -o.number))
+    assert parent.data.metrics["best_value"] == best.value
+    assert parent.data.metrics["n_complete"] == 2 and parent.data.metrics["n_pruned"] == 1
     assert parent.data.metrics["n_fail"] == 2
-    assert float(parent.data.params["best.student_lr"]) == GOOD
-    assert parent.data.tags["sweep.best_trial"] == "0"
+    assert float(parent.data.params["best.student_lr"]) == {0: GOOD, 4: ALSO_GOOD}[best.number]
+    assert parent.data.tags["sweep.best_trial"] == str(best.number)
     names = {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}
     assert {"plots/optimization_history.png", "plots/param_importances.png",
             "plots/parallel_coordinate.png"} <= names
     csv = Path(mlflow.artifacts.download_artifacts(run_id=result.parent_run_id, artifact_path="trials.csv"))
     lines = csv.read_text().strip().splitlines()
-    assert len(lines) == 5 and {"COMPLETE", "FAIL", "PRUNED"} <= {line.split(",")[-1] for line in lines[1:]}
+    assert len(lines) == 6 and {"COMPLETE", "FAIL", "PRUNED"} <= {line.split(",")[-1] for line in lines[1:]}
     # the override file is what `-e distill -P overrides="$(cat FILE)"` passes: it gives the best
     # trial's locked config
     text = result.best_file.read_text().strip()
     assert result.best_file == home / "experiments/sweeps/small/best_overrides.txt"
     exp, overrides = parse_exp_args([f"exp={settings.exp}", f"overrides={text}"])
-    best_run = client.get_run(result.outcomes[0].run_id)
+    best_run = client.get_run(best.run_id)
     assert resolve_experiment(exp, overrides).sha256 == best_run.data.tags["config_sha256"]
     assert not list((home / "checkpoints").rglob("*.pt")), "trial states are removed"
 
@@ -321,18 +369,18 @@ def test_parent_run_reports_best_trials_plots_and_a_best_config_file(small_sweep
 def test_a_resumed_study_continues_its_trial_count(small_sweep, home):
     settings, first = small_sweep
     with pytest.raises(ConfigError, match="was created for"):
-        run_sweep(SweepSettings(exp=settings.exp, space=settings.space, n_trials=5, study_name="small",
+        run_sweep(SweepSettings(exp=settings.exp, space=settings.space, n_trials=6, study_name="small",
                                 overrides=FAST[:-1]))
-    again = run_sweep(SweepSettings(exp=settings.exp, space=settings.space, n_trials=5, study_name="small",
+    again = run_sweep(SweepSettings(exp=settings.exp, space=settings.space, n_trials=6, study_name="small",
                                     pruner="none", overrides=list(FAST)))
-    assert [o.number for o in again.outcomes] == [4] and again.parent_run_id != first.parent_run_id
+    assert [o.number for o in again.outcomes] == [5] and again.parent_run_id != first.parent_run_id
     runs = trial_runs("small")
-    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in runs) == [0, 1, 2, 3, 4]
-    newest = next(r for r in runs if r.data.tags["optuna.trial_number"] == "4")
+    assert sorted(int(r.data.tags["optuna.trial_number"]) for r in runs) == [0, 1, 2, 3, 4, 5]
+    newest = next(r for r in runs if r.data.tags["optuna.trial_number"] == "5")
     assert newest.data.tags["mlflow.parentRunId"] == again.parent_run_id
-    assert sum(again.counts.values()) == 5
+    assert sum(again.counts.values()) == 6
     # the study is complete: one more call runs nothing and still reports
-    done = run_sweep(SweepSettings(exp=settings.exp, space=settings.space, n_trials=5, study_name="small",
+    done = run_sweep(SweepSettings(exp=settings.exp, space=settings.space, n_trials=6, study_name="small",
                                    pruner="none", overrides=list(FAST)))
     assert done.outcomes == [] and done.best is not None
 
@@ -352,26 +400,183 @@ def test_user_errors_stop_before_any_trial(home):
     assert not study_runs("never")
 
 
-def test_an_interrupted_trial_is_recorded_and_replaced_on_resume(home, monkeypatch):
-    import asib_core.pipeline.distill as distill
+def _sweep_args(home: Path, name: str, storage: str, n_trials: int, overrides: list, space: str = "lr_positive.yaml"):
+    return ["exp=quickstart", f"space={home / space}", f"n_trials={n_trials}", f"study_name={name}",
+            f"storage={storage}", "pruner=none", "overrides=" + " ".join(overrides)]
+
+
+SIX_EPOCHS = [o for o in FAST if "student_epochs_per_stage" not in o] + ["experiment.student_epochs_per_stage=[6]"]
+
+
+def test_ctrl_c_ends_the_runs_killed_and_the_identical_command_retries_the_trial(home):
+    """SIGINT to a real sweep worker in the middle of its first trial; then the identical command."""
     from asib_core.sweep import study as st
 
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(distill, "run_distill", interrupted)
-    settings = SweepSettings(exp="quickstart", space=str(home / "lr_positive.yaml"), n_trials=2,
-                             study_name="ctrl-c", overrides=list(FAST))
-    with pytest.raises(KeyboardInterrupt):
-        run_sweep(settings)
-    study = optuna.load_study(study_name="ctrl-c", storage=open_storage("").storage)
-    (trial,) = study.get_trials()
-    assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs[st.INTERRUPTED_ATTR]
-    assert st.count_trials(study) == 0
+    journal = str(home / "ctrl-c.log")
+    args = _sweep_args(home, "ctrl-c", journal, 2, SIX_EPOCHS)
+    proc = start_worker(home, args)
+    assert wait_for(lambda: trial_run_with_epoch("ctrl-c"), proc), proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and "interrupted" in out and "same command" in out
+    (dead, retry) = study_trials("ctrl-c", open_storage(journal).storage)
+    assert dead.state == optuna.trial.TrialState.FAIL and retry.state == optuna.trial.TrialState.WAITING
+    assert retry.params == dead.params
+    assert st.count_trials(optuna.load_study(study_name="ctrl-c", storage=open_storage(journal).storage)) == 0
     (run,) = trial_runs("ctrl-c")
     assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "FAIL"
+    assert run.data.tags["asib.error"] == "interrupted (KeyboardInterrupt)"
     parent = MlflowClient().get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.info.status == "KILLED"
+    assert not list((home / "checkpoints").rglob("trial-0-*")), "the interrupted trial's state is removed"
+
+    resumed = start_worker(home, args)
+    out = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, out[-3000:]
+    trials = study_trials("ctrl-c", open_storage(journal).storage)
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[1].params == dead.params                     # the retry ran the interrupted parameters
+    runs = {int(r.data.tags["optuna.trial_number"]): r for r in trial_runs("ctrl-c")}
+    assert {n: r.info.status for n, r in runs.items()} == {0: "KILLED", 1: "FINISHED", 2: "FINISHED"}
+    assert float(runs[1].data.params["trial.student_lr"]) == dead.params["student_lr"]
+    assert not [r for r in runs_of("ctrl-c") if r.info.status == "RUNNING"]
+
+
+def _dead_identity() -> str:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    return f"{socket.gethostname()}:{done.stdout.strip()}:1.0"
+
+
+def _orphan(study, client, experiment_id: str, owner: str, state_dir: Path):
+    """What a worker killed mid-trial leaves: a RUNNING trial with its marks, a RUNNING parent
+    run, a RUNNING trial run, and the trial's state folder."""
+    from asib_core.sweep import recovery as rc
+
+    parent = client.create_run(experiment_id, tags={"optuna.study_name": study.study_name, "step": "sweep",
+                                                    rc.IDENTITY_TAG: owner})
+    trial = study.ask()
+    trial.suggest_float("x", 0.0, 1.0)
+    uid = f"uid-{study.study_name}-{trial.number}"
+    run = client.create_run(experiment_id, tags={"optuna.study_name": study.study_name, "sweep.trial_uid": uid,
+                                                 "optuna.trial_number": str(trial.number), rc.IDENTITY_TAG: owner,
+                                                 "mlflow.parentRunId": parent.info.run_id})
+    state_dir.mkdir(parents=True)
+    (state_dir / "last.pt").write_bytes(b"state")
+    for key, value in {rc.WORKER_ATTR: owner, rc.UID_ATTR: uid, rc.PARENT_ATTR: parent.info.run_id,
+                       rc.STATE_ATTR: str(state_dir)}.items():
+        trial.set_user_attr(key, value)
+    return trial, parent.info.run_id, run.info.run_id
+
+
+def test_a_dead_workers_trial_is_retried_and_its_runs_closed(home):
+    """A worker process of this host that is gone: the next ask fails its trial, closes its
+    runs and hands out the retry (same parameters) first."""
+    from asib_core.sweep import recovery as rc
+    from asib_core.sweep import study as st
+
+    client = MlflowClient()
+    exp = client.create_experiment("orphans")
+    store = open_storage(str(home / "orphan.log"))
+    study = optuna.create_study(study_name="orphan", storage=store.storage, direction="maximize")
+    orphan, parent, run = _orphan(study, client, exp, _dead_identity(), home / "orphan-state")
+    quiet_parent = client.create_run(exp, tags={"optuna.study_name": "orphan", "step": "sweep",
+                                                rc.IDENTITY_TAG: _dead_identity()})   # died between trials
+    retry = st.ask_next(study, store, 5, worker_identity())
+    trials = study.get_trials()
+    assert trials[orphan.number].state == optuna.trial.TrialState.FAIL
+    assert retry.number == orphan.number + 1 and retry.params == trials[orphan.number].params
+    assert rc.retry_history(trials[retry.number]) == [orphan.number]
+    assert retry.user_attrs[rc.WORKER_ATTR] == worker_identity()
+    assert all(not retry.user_attrs.get(key) for key in rc.ATTEMPT_ATTRS)   # no marks of the dead attempt
+    assert st.count_trials(study) == 1                       # the retry counts, the dead trial does not
+    for run_id in (parent, run):
+        assert client.get_run(run_id).info.status == "KILLED"
+    assert client.get_run(run).data.tags[rc.RETRIED_TAG] == str(retry.number)
+    assert not (home / "orphan-state").exists()
+    # the parent of a worker that died between trials: closed when a worker of this host starts
+    assert client.get_run(quiet_parent.info.run_id).info.status == "RUNNING"
+    assert rc.close_dead_worker_runs("orphan") == [quiet_parent.info.run_id]
+    # our own running trial is left alone
+    assert st.ask_next(study, store, 5, worker_identity()).number == retry.number + 1
+    assert study.get_trials()[retry.number].state == optuna.trial.TrialState.RUNNING
+
+
+def test_heartbeats_fail_and_retry_a_trial_whose_worker_went_silent(home, tmp_path):
+    """A database storage: a trial of a worker on another machine without a heartbeat for the
+    grace period is failed and retried; one whose heartbeat thread runs is not."""
+    from asib_core.sweep import recovery as rc
+    from asib_core.sweep import study as st
+
+    store = open_storage(f"sqlite:///{tmp_path / 'beats.db'}", heartbeat=1)     # stale after 3 s
+    assert store.heartbeat == 1
+    study = optuna.create_study(study_name="beats", storage=store.storage, direction="maximize")
+    elsewhere = "another-machine:4242:1.0"                   # not a process of this host
+    silent = st.ask_next(study, store, 5, elsewhere)
+    silent.suggest_float("x", 0.0, 1.0)
+    client = MlflowClient()
+    exp = client.create_experiment("beats")
+    parent = client.create_run(exp, tags={"optuna.study_name": "beats", "step": "sweep"})
+    run = client.create_run(exp, tags={"optuna.study_name": "beats", "sweep.trial_uid": "silent-uid",
+                                       "optuna.trial_number": str(silent.number)})
+    silent.set_user_attr(rc.UID_ATTR, "silent-uid")
+    silent.set_user_attr(rc.PARENT_ATTR, parent.info.run_id)
+    beating = st.ask_next(study, store, 5, elsewhere)
+    assert study.get_trials()[silent.number].state == optuna.trial.TrialState.RUNNING   # fresh heartbeat
+    with rc.Heartbeat(store.storage, "beats", beating.number):
+        time.sleep(5)                                        # > grace period: silent goes stale
+        retry = st.ask_next(study, store, 5, worker_identity())
+    trials = study.get_trials()
+    assert trials[silent.number].state == optuna.trial.TrialState.FAIL
+    assert trials[beating.number].state == optuna.trial.TrialState.RUNNING
+    assert rc.retry_history(trials[retry.number]) == [silent.number] and retry.params == silent.params
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    assert client.get_run(parent.info.run_id).info.status == "KILLED"
+    assert client.get_run(run.info.run_id).data.tags[rc.RETRIED_TAG] == str(retry.number)
+
+
+def test_optuna_dashboard_serves_the_project_storage(home, tmp_path):
+    """optuna-dashboard as a real HTTP server on a journal study: the study and its trials come
+    back over its JSON API as they were told."""
+    import json
+
+    journal = tmp_path / "dash.log"
+    study = optuna.create_study(study_name="dash", storage=open_storage(str(journal)).storage, direction="maximize")
+    told = []
+    for _ in range(3):
+        trial = study.ask()
+        study.tell(trial, 1.0 - abs(trial.suggest_float("kd_alpha", 0.0, 1.0) - 0.5))
+        told.append(trial.number)
+    trials_told = {t.number: t for t in study.get_trials()}
+    port = free_port()
+    exe = shutil.which("optuna-dashboard")
+    assert exe, "optuna-dashboard is a dependency (pyproject, conda.yaml): its command must be installed"
+    proc = subprocess.Popen([exe, str(journal), "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def get(path: str) -> dict:
+        with urllib.request.urlopen(base + path, timeout=10) as answer:
+            return json.loads(answer.read())
+
+    try:
+        assert wait_for(lambda: get("/api/studies") is not None, proc, poll=0.3, limit=300), proc.communicate()[0]
+        (summary,) = get("/api/studies")["study_summaries"]
+        assert summary["study_name"] == "dash" and summary["directions"] == ["maximize"]
+        detail = get(f"/api/studies/{summary['study_id']}")
+        assert detail["name"] == "dash"
+        got = {t["number"]: t for t in detail["trials"]}
+        assert sorted(got) == told
+        for number, trial in trials_told.items():
+            assert got[number]["state"] == "Complete"
+            assert got[number]["values"] == [trial.value]
+            assert [(p["name"], float(p["param_external_value"])) for p in got[number]["params"]] == \
+                [("kd_alpha", trial.params["kd_alpha"])]
+        assert [t["number"] for t in detail["best_trials"]] == [study.best_trial.number]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def _workers(home: Path, name: str, storage: str, n_trials: int, count: int = 2) -> list:
@@ -410,55 +615,14 @@ def test_two_workers_share_one_journal_study(home):
 
 # --------------------------------------------------------------------------- PostgreSQL
 
-def _pg_binary(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
-                        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
-    return candidates[-1] if candidates else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def postgres_url():
     """A throwaway PostgreSQL server on 127.0.0.1 (Debian's packages; .ci/run installs them)."""
-    initdb, pg_ctl = _pg_binary("initdb"), _pg_binary("pg_ctl")
-    if not (initdb and pg_ctl):
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found; install them with "
-                    "`apt-get install -y postgresql` (.ci/run does)")
-    as_root = os.geteuid() == 0
-    base = Path(tempfile.mkdtemp(prefix="asib-pg-"))
-    prefix: list = []
-    if as_root:  # the server refuses to run as root: run it as Debian's `postgres` user
-        try:
-            user = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.fail("PostgreSQL binaries found but no `postgres` user to run the server as (root cannot)")
-        os.chown(base, user.pw_uid, user.pw_gid)
-        prefix = ["runuser", "-u", "postgres", "--"] if shutil.which("runuser") else None
-    port = _free_port()
-
-    def run(args: list) -> None:
-        cmd = prefix + args if prefix is not None else ["su", "postgres", "-s", "/bin/sh", "-c",
-                                                        shlex.join(map(str, args))]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, f"{args[0]} failed: {done.stdout}\n{done.stderr}"
-
-    data = base / "data"
-    run([initdb, "-D", str(data), "-U", "asib", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"])
-    run([pg_ctl, "-D", str(data), "-l", str(base / "server.log"), "-w", "-t", "60",
-         "-o", f"-h 127.0.0.1 -p {port} -k {base} -F", "start"])
     try:
-        yield f"postgresql+psycopg2://asib@127.0.0.1:{port}/postgres"
-    finally:
-        run([pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"])
-        shutil.rmtree(base, ignore_errors=True)
+        with throwaway_postgres() as url:
+            yield url
+    except NoPostgres as exc:
+        pytest.skip(str(exc))
 
 
 def test_two_workers_share_one_postgresql_study(home, postgres_url):

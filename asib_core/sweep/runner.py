@@ -9,6 +9,7 @@ split is never looked at by the search.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -26,9 +27,11 @@ from asib_core.config import ConfigError, resolve_experiment
 from asib_core.tracking import configure_tracking, experiment_for, open_run
 
 from . import study as st
+from .recovery import IDENTITY_TAG, PARENT_ATTR, STATE_ATTR, UID_ATTR, Heartbeat, close_dead_worker_runs, \
+    worker_identity
 from .report import BestTrial, report, state_counts
-from .space import SearchSpace, load_space
-from .storage import open_storage
+from .space import SearchSpace, load_space, parse_sampler
+from .storage import DEFAULT_HEARTBEAT, DEFAULT_MAX_RETRY, StudyStorage, open_storage
 
 log = logging.getLogger("asib.sweep")
 OBJECTIVE = "val/best_acc"
@@ -43,6 +46,9 @@ class SweepSettings:
     storage: str = ""
     sampler_seed: int = 0
     pruner: str = "median"
+    sampler: str = ""          # "" = the space's sampler; tpe, gp or random replaces it
+    heartbeat: int = DEFAULT_HEARTBEAT     # seconds (database storages)
+    max_retry: int = DEFAULT_MAX_RETRY     # retries of a trial whose worker died
     overrides: list = field(default_factory=list)
     worker: int = 0
     out_dir: str = ""          # where best_overrides.txt goes (default experiments/sweeps/<study>)
@@ -179,14 +185,19 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
     if int(settings.n_trials) < 1:
         raise ConfigError(f"n_trials must be at least 1, got {settings.n_trials}.")
     space = load_space(settings.space)
+    if settings.sampler:
+        space = dataclasses.replace(space, sampler=parse_sampler(f"sampler={settings.sampler}", space.sampler,
+                                                                 settings.sampler))
     base = preflight(settings, space)
     cfg = base.cfg
     name = settings.study_name or default_study_name(settings.exp, space)
     pruner = st.build_pruner(settings.pruner, space, sum(int(e) for e in cfg["student_epochs_per_stage"]))
-    store = open_storage(settings.storage)
+    store = open_storage(settings.storage, settings.heartbeat, settings.max_retry)
     with store.ask_lock(name):
-        # workers starting together on a new sqlite tracking store: one creates its tables
+        # workers starting together on a new sqlite tracking store: one creates its tables;
+        # runs of this study left RUNNING by dead workers of this host are closed
         MlflowClient().search_experiments(max_results=1)
+        close_dead_worker_runs(name)
     check_teachers(cfg)
     signature = st.Signature(exp=settings.exp, overrides=list(settings.overrides), params=space.param_names)
     study = st.open_study(store, name, signature, sampler=st.build_sampler(space, settings.sampler_seed),
@@ -194,9 +205,10 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
     device_overrides, device = worker_device(cfg, settings.overrides, settings.worker)
     log.info("sweep worker %d: study '%s' in %s, %d/%d trials so far; trials run on %s",
              settings.worker, name, store.description, st.count_trials(study), settings.n_trials, device)
+    identity = worker_identity()
     tags = run_tags(cfg, "sweep", base.sha256, **{
         "optuna.study_name": name, "optuna.storage": store.description, "sweep.space": space.name,
-        "sweep.worker": str(settings.worker), "sweep.device": device})
+        "sweep.worker": str(settings.worker), "sweep.device": device, IDENTITY_TAG: identity})
     title = f"sweep {name}" + (f" worker {settings.worker}" if settings.worker else "")
     out_dir = Path(settings.out_dir or Path("experiments") / "sweeps" / safe_name(name)).resolve()
     result = SweepResult(parent_run_id="", study_name=name, storage=store.description, device=device)
@@ -207,12 +219,13 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
             "exp": settings.exp, "space": space.name, "space_source": space.source,
             "n_trials": int(settings.n_trials), "study_name": name, "storage": store.description,
             "pruner": settings.pruner, "sampler": space.sampler["name"], "sampler_seed": int(settings.sampler_seed),
+            "heartbeat": int(settings.heartbeat) if store.heartbeat else "none (journal)",
+            "max_retry": settings.max_retry,
             "overrides": " ".join(settings.overrides)[:6000], "worker": int(settings.worker)}.items()},
             run_id=parent.run_id)
         experiment_name = MlflowClient().get_experiment(parent.experiment_id).name
         state_root = Path(cfg.get("checkpoint_dir") or "checkpoints/runs") / f"sweep-{safe_name(name)}"
-        trials = TrialRunner(settings, space, study, parent.run_id, device_overrides, name, state_root)
-        identity = st.worker_identity()
+        trials = TrialRunner(settings, space, study, store, parent.run_id, device_overrides, state_root, identity)
         with trial_environment(experiment_name):
             while True:
                 trial = st.ask_next(study, store, int(settings.n_trials), identity,
@@ -234,26 +247,37 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
 class TrialRunner:
     """Runs one trial as a nested distillation run and records its end on both sides."""
 
-    def __init__(self, settings: SweepSettings, space: SearchSpace, study, parent_run_id: str,
-                 device_overrides: list, study_name: str, state_root: Path):
+    def __init__(self, settings: SweepSettings, space: SearchSpace, study, store: StudyStorage,
+                 parent_run_id: str, device_overrides: list, state_root: Path, identity: str):
         self.settings = settings
         self.space = space
         self.study = study
+        self.store = store
         self.parent_run_id = parent_run_id
         self.device_overrides = device_overrides
-        self.study_name = study_name
+        self.study_name = study.study_name
         self.state_root = state_root      # each trial's resumable state: a folder of its own
+        self.identity = identity
 
     def run(self, trial) -> TrialOutcome:
+        """The trial, its heartbeat recorded all along (database storages)."""
+        with Heartbeat(self.store.storage, self.study_name, trial.number):
+            return self._run(trial)
+
+    def _run(self, trial) -> TrialOutcome:
         import optuna
-        from optuna.trial import TrialState
 
         from asib_core.pipeline.distill import run_distill
 
         uid = uuid.uuid4().hex
         number = trial.number
+        state_dir = self.state_root / f"trial-{number}-{uid[:8]}"
+        # before anything can leave a trace: what a recovering worker needs to clean up after us
+        for key, value in {UID_ATTR: uid, PARENT_ATTR: self.parent_run_id,
+                           STATE_ATTR: str(state_dir.resolve())}.items():
+            trial.set_user_attr(key, value)
         tags = {"optuna.study_name": self.study_name, "optuna.trial_number": str(number),
-                "sweep.trial_uid": uid, "sweep.worker": str(self.settings.worker),
+                "sweep.trial_uid": uid, "sweep.worker": str(self.settings.worker), IDENTITY_TAG: self.identity,
                 "mlflow.runName": f"{self.study_name} trial {number}"}
         seen: dict = {}
         values: dict = {}
@@ -272,7 +296,6 @@ class TrialRunner:
                 raise optuna.TrialPruned(f"pruned by the {self.settings.pruner} pruner after epoch {epoch} "
                                          f"(val/acc {float(acc):.4f})")
 
-        state_dir = self.state_root / f"trial-{number}-{uid[:8]}"
         try:
             values = self.space.suggest(trial)
             overrides = list(self.settings.overrides) + self.space.overrides(values) + self.device_overrides
@@ -288,10 +311,9 @@ class TrialRunner:
         except optuna.TrialPruned as exc:
             state, error = "PRUNED", str(exc)
         except KeyboardInterrupt:
-            trial.set_user_attr(st.INTERRUPTED_ATTR, "interrupted (KeyboardInterrupt)")
-            self._record(trial, uid, "FAIL", values, overrides, seen.get("run_id"), "interrupted (KeyboardInterrupt)",
-                         status="KILLED")
-            self.study.tell(trial, state=TrialState.FAIL)
+            reason = "interrupted (KeyboardInterrupt)"
+            self._record(trial, uid, "FAIL", values, overrides, seen.get("run_id"), reason, status="KILLED")
+            self._tell(trial, "FAIL", None, retry_reason=reason)
             raise
         except Exception as exc:  # noqa: BLE001 - a failing trial is recorded; the sweep goes on
             error = f"{type(exc).__name__}: {exc}"
@@ -300,13 +322,24 @@ class TrialRunner:
             shutil.rmtree(state_dir, ignore_errors=True)
             _free_gpu_memory()
         run_id = self._record(trial, uid, state, values, overrides, run_id or seen.get("run_id"), error)
-        if state == "COMPLETE":
-            self.study.tell(trial, value)
-        else:
-            self.study.tell(trial, state=TrialState[state])
+        self._tell(trial, state, value)
         log.info("trial %d: %s%s", number, state, f" {OBJECTIVE}={value:.4f}" if state == "COMPLETE" else f" ({error})")
         return TrialOutcome(number=number, state=state, value=value if state == "COMPLETE" else None,
                             run_id=run_id, error=error)
+
+    def _tell(self, trial, state: str, value: float | None, retry_reason: str | None = None) -> None:
+        """End the trial in the study; an interrupted one is retried (the MLflow runs are ended
+        by their own ``open_run``)."""
+        from optuna.trial import TrialState
+        try:
+            frozen = self.study.tell(trial, value) if state == "COMPLETE" else \
+                self.study.tell(trial, state=TrialState[state])
+        except Exception as exc:  # noqa: BLE001 - declared dead meanwhile (no heartbeat for grace_period)
+            log.warning("trial %d could not be recorded as %s (%s: %s): another worker failed it as stale and "
+                        "retries it", trial.number, state, type(exc).__name__, exc)
+            return
+        if retry_reason:
+            self.store.on_dead(self.study, frozen, reason=retry_reason, close_runs=False)
 
     def _record(self, trial, uid: str, state: str, values: dict, overrides: list, run_id: str | None,
                 error: str | None, status: str = "FAILED") -> str:

@@ -22,9 +22,15 @@ TOP_KEYS = {"params", "derived", "sampler", "pruner", "defaults"}
 PARAM_KEYS = {"float": {"type", "low", "high", "log", "step", "key"},
               "int": {"type", "low", "high", "log", "step", "key"},
               "categorical": {"type", "choices", "key"}}
-SAMPLERS = ("tpe", "random")
+#: sampler name -> {setting: type}
+SAMPLER_SETTINGS = {"tpe": {"n_startup_trials": int, "multivariate": bool, "constant_liar": bool, "group": bool},
+                    "gp": {"n_startup_trials": int, "deterministic_objective": bool},
+                    "random": {}}
+SAMPLERS = tuple(SAMPLER_SETTINGS)
 PRUNER_SETTINGS = {"median": {"n_startup_trials", "n_warmup_steps", "interval_steps", "n_min_trials"},
-                   "hyperband": {"min_resource", "max_resource", "reduction_factor"}}
+                   "successive_halving": {"min_resource", "reduction_factor", "min_early_stopping_rate",
+                                          "bootstrap_count"},
+                   "hyperband": {"min_resource", "max_resource", "reduction_factor", "bootstrap_count"}}
 _SIMPLE_VALUE = re.compile(r"^[A-Za-z0-9_.:/+-]+$")
 
 
@@ -180,13 +186,7 @@ def parse_space(name: str, source: str, raw: dict) -> SearchSpace:
         dup = sorted({k for k in group if group.count(k) > 1})
         if dup:
             raise ConfigError(f"{where}: {dup} appear more than once (each parameter sets one key).")
-    sampler = dict(raw.get("sampler") or {})
-    sampler.setdefault("name", "tpe")
-    if sampler["name"] not in SAMPLERS:
-        raise ConfigError(f"{where}: sampler.name='{sampler['name']}' is not known; use one of {SAMPLERS}.")
-    extra = set(sampler) - {"name", "n_startup_trials"}
-    if extra:
-        raise ConfigError(f"{where}: unknown sampler settings {sorted(extra)}; allowed: name, n_startup_trials.")
+    sampler = parse_sampler(where, dict(raw.get("sampler") or {}))
     pruner = dict(raw.get("pruner") or {})
     for pname, settings in pruner.items():
         if pname not in PRUNER_SETTINGS:
@@ -198,6 +198,31 @@ def parse_space(name: str, source: str, raw: dict) -> SearchSpace:
     return SearchSpace(name=name, source=source, params=params, derived=derived, sampler=sampler,
                        pruner={k: dict(v or {}) for k, v in pruner.items()},
                        raw={k: v for k, v in raw.items() if k != "defaults"})
+
+
+def parse_sampler(where: str, sampler: dict, name: str | None = None) -> dict:
+    """``{name: tpe|gp|random, <setting>: value}``; ``name`` (the sweep's ``sampler=`` option)
+    replaces the space's sampler, keeping the settings the new one takes."""
+    if name:
+        sampler = {k: v for k, v in sampler.items() if k in SAMPLER_SETTINGS.get(name, {})} | {"name": name}
+    sampler.setdefault("name", "tpe")
+    kind = sampler["name"]
+    if kind not in SAMPLERS:
+        raise ConfigError(f"{where}: sampler '{kind}' is not known; use one of {', '.join(SAMPLERS)}.")
+    allowed = SAMPLER_SETTINGS[kind]
+    extra = set(sampler) - {"name"} - set(allowed)
+    if extra:
+        raise ConfigError(f"{where}: unknown settings {sorted(extra)} for sampler '{kind}'; allowed: "
+                          f"{', '.join(['name', *allowed])}.")
+    for key, kind_of in allowed.items():
+        value = sampler.get(key)
+        if value is None:
+            continue
+        if kind_of is bool and not isinstance(value, bool):
+            raise ConfigError(f"{where}: sampler.{key} must be true or false, got {value!r}.")
+        if kind_of is int and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ConfigError(f"{where}: sampler.{key} must be a whole number >= 0, got {value!r}.")
+    return sampler
 
 
 def default_key(name: str) -> str:

@@ -13,6 +13,11 @@ last slot (Optuna's ``MaxTrialsCallback`` counts after a trial, so concurrent wo
 overshoot the total). The lock is a ``flock`` on a file next to the journal (or the sqlite
 database), a PostgreSQL advisory lock for PostgreSQL; both are released by the operating system
 or the server when a worker dies.
+
+Database storages record **heartbeats** of running trials (``heartbeat_interval`` seconds,
+stale after ``grace_period``); a stale trial is failed and retried with its parameters
+(recovery.py). Optuna 5's journal storage has no heartbeat: on a journal file (one machine) a
+dead worker's trial is found through its worker's process instead.
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager
+
+from .recovery import RetryDeadTrial
 
 log = logging.getLogger("asib.sweep")
 
@@ -40,6 +47,9 @@ class StudyStorage:
     kind: str                             # "journal" or "rdb"
     description: str                      # printable (password hidden)
     ask_lock: Callable[[str], ContextManager]
+    on_dead: RetryDeadTrial               # what becomes of a trial whose worker died
+    locked: bool = True                   # ask_lock is a real cross-process lock
+    heartbeat: int | None = None          # seconds between heartbeats (database storages)
 
 
 def is_url(spec: str) -> bool:
@@ -55,15 +65,33 @@ def redact(url: str) -> str:
         return url.split("://", 1)[0] + "://***"
 
 
-def open_storage(spec: str | None) -> StudyStorage:
+DEFAULT_HEARTBEAT = 60           # seconds between two heartbeats of a running trial
+DEFAULT_MAX_RETRY = 2            # a trial whose worker died is run at most 1 + 2 times
+
+
+def grace_for(heartbeat: int) -> int:
+    """A trial is stale after three missed heartbeats (Optuna's own default: two)."""
+    return 3 * int(heartbeat)
+
+
+def open_storage(spec: str | None, heartbeat: int = DEFAULT_HEARTBEAT,
+                 max_retry: int | None = DEFAULT_MAX_RETRY) -> StudyStorage:
+    """The study storage named by ``spec`` ("" = the default journal file, a path, or a URL)."""
+    from asib_core.config.errors import ConfigError
+
+    if int(heartbeat) < 1:
+        raise ConfigError(f"heartbeat must be at least 1 second, got {heartbeat}.")
+    if max_retry is not None and int(max_retry) < 0:
+        raise ConfigError(f"max_retry must be 0 or more, got {max_retry}.")
+    on_dead = RetryDeadTrial(max_retry)
     spec = (spec or "").strip()
     if spec and is_url(spec):
-        return _rdb_storage(spec)
+        return _rdb_storage(spec, on_dead, int(heartbeat))
     path = Path(spec) if spec else default_journal_path()
-    return _journal_storage(path)
+    return _journal_storage(path, on_dead)
 
 
-def _journal_storage(path: Path) -> StudyStorage:
+def _journal_storage(path: Path, on_dead: RetryDeadTrial) -> StudyStorage:
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -71,17 +99,18 @@ def _journal_storage(path: Path) -> StudyStorage:
     path.parent.mkdir(parents=True, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(str(path)))
     lock_file = path.with_name(path.name + ".asklock")
-    return StudyStorage(storage, "journal", f"journal file {path}", lambda study: _flock(lock_file))
+    return StudyStorage(storage, "journal", f"journal file {path}", lambda study: _flock(lock_file), on_dead)
 
 
-def _rdb_storage(url: str) -> StudyStorage:
+def _rdb_storage(url: str, on_dead: RetryDeadTrial, heartbeat: int) -> StudyStorage:
     from optuna.storages import RDBStorage
 
     from asib_core.config.errors import ConfigError
 
     try:
         with _creation_lock(url):
-            storage = RDBStorage(url)
+            storage = RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace_for(heartbeat),
+                                 heartbeat_stale_trial_callback=on_dead)
     except ImportError as exc:
         raise ConfigError(f"storage {redact(url)} needs a database driver that is not installed ({exc}). "
                           "For PostgreSQL: pip install psycopg2-binary (in the project's dev extra).") from None
@@ -89,6 +118,7 @@ def _rdb_storage(url: str) -> StudyStorage:
         raise ConfigError(f"cannot open the Optuna storage {redact(url)}: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     dialect = storage.engine.dialect.name
+    locked = True
     if dialect == "postgresql":
         def lock(study):
             return _pg_advisory_lock(storage.engine, study)
@@ -101,9 +131,11 @@ def _rdb_storage(url: str) -> StudyStorage:
         log.warning("storage %s (%s): no cross-process ask lock; with several workers the study can get up "
                     "to one trial per extra worker more than n_trials", redact(url), dialect)
 
+        locked = False
+
         def lock(study):
             return contextlib.nullcontext()
-    return StudyStorage(storage, "rdb", f"database {redact(url)}", lock)
+    return StudyStorage(storage, "rdb", f"database {redact(url)}", lock, on_dead, locked, heartbeat)
 
 
 @contextlib.contextmanager

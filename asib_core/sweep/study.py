@@ -1,69 +1,57 @@
 """The Optuna study of a sweep: create or resume it, sampler and pruner, trial accounting.
 
 **Counting.** ``n_trials`` is the study's total. A trial counts when it is RUNNING or ended by
-itself (COMPLETE, PRUNED, FAIL). A trial cut short by its worker (Ctrl-C, or a worker process
-that died, found by the next worker on that machine) is recorded as FAIL with the user attribute
-``asib.interrupted`` and does not count, so resuming the study runs a replacement.
+itself (COMPLETE, PRUNED, FAIL). A trial cut short by its worker (Ctrl-C, or a worker that
+died: recovery.py) ends FAIL and is retried with the same parameters; the retried trial does
+not count, its retry does (unless the retries are used up: then the FAIL counts).
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 from dataclasses import dataclass
 
 from asib_core.config.errors import ConfigError
 
+from .recovery import ATTEMPT_ATTRS, WORKER_ATTR, Heartbeat, fail_dead_trials, quiet_experimental, retried_numbers
 from .space import SearchSpace
 from .storage import StudyStorage
 
 log = logging.getLogger("asib.sweep")
 
-PRUNERS = ("median", "hyperband", "none")
+PRUNERS = ("median", "successive_halving", "hyperband", "none")
 SIGNATURE_ATTR = "asib.sweep"
-WORKER_ATTR = "asib.worker"
-INTERRUPTED_ATTR = "asib.interrupted"
-
-
-def worker_identity() -> str:
-    """host:pid:start-time of this process (start time guards against a reused pid)."""
-    import psutil
-    pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{psutil.Process(pid).create_time():.3f}"
-
-
-def _alive_here(identity: str) -> bool | None:
-    """True/False for a worker of this host, None for a worker of another host."""
-    import psutil
-    try:
-        host, pid, started = identity.rsplit(":", 2)
-        pid_i, started_f = int(pid), float(started)
-    except ValueError:
-        return None
-    if host != socket.gethostname():
-        return None
-    try:
-        return abs(psutil.Process(pid_i).create_time() - started_f) < 1e-3
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
 
 
 def build_sampler(space: SearchSpace, seed: int):
+    """TPE (multivariate, constant liar: workers in parallel steer away from each other's
+    running trials), Optuna's Gaussian-process sampler (small continuous spaces) or random."""
     import optuna
     settings = {k: v for k, v in space.sampler.items() if k != "name"}
-    if space.sampler["name"] == "random":
+    name = space.sampler["name"]
+    if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, **settings)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, **settings)
+    settings.setdefault("multivariate", True)
+    settings.setdefault("constant_liar", True)
+    with quiet_experimental():   # multivariate and group are experimental in Optuna
+        return optuna.samplers.TPESampler(seed=seed, **settings)
 
 
 def build_pruner(name: str, space: SearchSpace, total_epochs: int):
+    """Steps are student epochs; the resource-based pruners (successive halving, Hyperband)
+    count their resource in epochs: ``min_resource`` epochs before the first decision."""
     import optuna
     if name not in PRUNERS:
         raise ConfigError(f"pruner='{name}' is not known; use one of {', '.join(PRUNERS)}.")
     settings = dict(space.pruner.get(name) or {})
     if name == "median":
         return optuna.pruners.MedianPruner(**settings)
+    if name == "successive_halving":
+        settings.setdefault("min_resource", 1)
+        settings.setdefault("reduction_factor", 3)
+        return optuna.pruners.SuccessiveHalvingPruner(**settings)
     if name == "hyperband":
         settings.setdefault("min_resource", 1)
         settings.setdefault("max_resource", max(int(total_epochs), 1))
@@ -118,50 +106,49 @@ def open_study(store: StudyStorage, name: str, signature: Signature, sampler, pr
     return study
 
 
-def counted(trial) -> bool:
+def counted(trial, retried: set) -> bool:
+    """Does this trial take one of the study's ``n_trials`` slots?"""
     from optuna.trial import TrialState
     if trial.state == TrialState.WAITING:
         return False
-    return not (trial.state == TrialState.FAIL and trial.user_attrs.get(INTERRUPTED_ATTR))
+    return not (trial.state == TrialState.FAIL and trial.number in retried)
 
 
 def count_trials(study) -> int:
-    return sum(1 for t in study.get_trials(deepcopy=False) if counted(t))
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    return sum(1 for t in trials if counted(t, retried))
 
 
-def fail_orphans(study) -> list[int]:
-    """RUNNING trials whose worker (a process of this host) is gone: FAIL + interrupted."""
-    from optuna.trial import TrialState
-    storage = study._storage  # noqa: SLF001 - the public Study has no per-trial state setter
-    failed = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = trial.user_attrs.get(WORKER_ATTR)
-        if owner and _alive_here(owner) is False:
-            try:
-                storage.set_trial_user_attr(trial._trial_id, INTERRUPTED_ATTR, "worker process died")
-                study.tell(trial.number, state=TrialState.FAIL)
-                failed.append(trial.number)
-            except Exception:  # noqa: BLE001 - another worker got there first
-                continue
-    if failed:
-        log.warning("trials %s were left RUNNING by a worker that no longer runs: recorded as FAIL "
-                    "(interrupted, not counted)", failed)
-    return failed
+def recover(study, store: StudyStorage) -> None:
+    """Fail and retry the trials of dead workers: heartbeat-stale ones (database storages;
+    Optuna calls ``store.on_dead``) and those of dead processes of this host."""
+    import optuna
+    if store.heartbeat:
+        with quiet_experimental():
+            optuna.storages.fail_stale_trials(study)
+    fail_dead_trials(study, store.on_dead, store.locked)
 
 
 def ask_next(study, store: StudyStorage, n_trials: int, identity: str, make_sampler=None, seed: int = 0):
     """The next trial of this worker, or None once the study holds n_trials counted trials.
 
+    Retries of trials whose worker died come first (Optuna asks WAITING trials first).
     ``make_sampler(seed)`` builds the sampler of this trial (samplers read the study's history from
     the storage, so a fresh one per trial loses nothing), seeded from ``seed`` and the study's
     trial counts."""
     with store.ask_lock(study.study_name):
-        fail_orphans(study)
+        recover(study, store)
         done = count_trials(study)
         if done >= n_trials:
             return None
         if make_sampler is not None:
             study.sampler = make_sampler(sampler_seed(seed, len(study.get_trials(deepcopy=False)), done))
-        trial = study.ask()
+        with quiet_experimental():
+            trial = study.ask()
         trial.set_user_attr(WORKER_ATTR, identity)
+        for key in ATTEMPT_ATTRS:
+            if trial.user_attrs.get(key):
+                trial.set_user_attr(key, "")
+        Heartbeat(store.storage, study.study_name, trial.number).beat()   # stale-able from now on
         return trial
