@@ -256,7 +256,7 @@ def test_small_sweep_has_one_nested_run_per_trial_with_its_state(small_sweep):
         assert len(tags["config_sha256"]) == 64
         assert float(run.data.params["trial.student_lr"]) == lr
         assert run.info.run_id == result.outcomes[number].run_id
-    assert "Invalid learning rate" in runs[1].data.tags["asib.error"]      # failed inside the run
+    assert "SAFE-RETRY failed" in runs[1].data.tags["asib.error"]      # diverged inside the run
     assert "val/acc" not in runs[1].data.metrics
     unreadable = runs[3]                                                    # failed before any run
     assert unreadable.info.status == "FAILED" and unreadable.data.tags["optuna.state"] == "FAIL"
