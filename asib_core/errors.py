@@ -8,10 +8,18 @@ class MissingArtifactError(FileNotFoundError):
     """A dataset, checkpoint or run the command needs does not exist (message says how to get it)."""
 
 
+class StateInUse(RuntimeError):
+    """Another live process holds the run state folder this command would write (one writer per run)."""
+
+
+class TrackingUnavailable(ConnectionError):
+    """The MLflow tracking server named by MLFLOW_TRACKING_URI does not answer."""
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Imported on demand so that light commands (config printing) do not import torch."""
     from asib_core.data import DatasetNotFoundError
     from asib_core.models import PretrainedWeightsUnavailable
 
     return (ConfigError, ConfigLockError, MissingArtifactError, DatasetNotFoundError,
-            PretrainedWeightsUnavailable)
+            PretrainedWeightsUnavailable, StateInUse, TrackingUnavailable)
