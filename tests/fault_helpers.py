@@ -134,3 +134,93 @@ def corrupt(path: Path, how: str) -> None:
         Path(path).write_bytes(b"")
     else:
         raise ValueError(f"unknown corruption {how!r}: truncated, garbage or empty")
+
+
+# -- a tiny ASIB run on digits and a seeded plan of kills across its whole life ------------------
+TEACHERS = ("resnet20", "wrn_16_2")
+A_STEP_EPOCHS = 2
+STUDENT_EPOCHS = 2
+TRAIN_PER_CLASS = 10
+BATCH = 32
+CORRUPTIONS = ("truncated", "garbage", "empty")
+
+
+def teacher_files(folder: Path) -> list[Path]:
+    """Seeded, untrained resnet20 / wrn_16_2 teacher checkpoints for digits, in the format a
+    fine-tune writes (the run's lifecycle, not the teachers' quality, is under test)."""
+    import torch
+
+    from asib_core.models import create_model
+    from asib_core.pipeline.models import save_teacher
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, name in enumerate(TEACHERS):
+        path = folder / f"{name}_digits.pth"
+        if not path.exists():
+            torch.manual_seed(100 + i)
+            model = create_model(name, num_classes=10, pretrained=False, small_input=True)
+            save_teacher(model, path, {"teacher": name, "dataset": "digits", "num_classes": 10})
+        paths.append(path)
+    return paths
+
+
+def asib_digits_args(teachers: list[Path]) -> list[str]:
+    """ASIB (IB + A-step) on digits, resnet20 + wrn_16_2 -> resnet8, one stage, on the CPU, tiny."""
+    return ["exp=L1_ib", "dataset=digits", f"teacher1={TEACHERS[0]}", f"teacher2={TEACHERS[1]}", "student=resnet8",
+            "experiment.distill_out_dim=32", "experiment.device=cpu", "experiment.use_amp=false",
+            f"experiment.dataset.batch_size={BATCH}", "experiment.num_stages=1",
+            f"experiment.student_epochs_per_stage=[{STUDENT_EPOCHS}]",
+            f"experiment.teacher_adapt_epochs={A_STEP_EPOCHS}", "experiment.ib_epochs_per_stage=1",
+            f"experiment.dataset.train_per_class={TRAIN_PER_CLASS}", "experiment.dataset.num_workers=0",
+            "experiment.dataset.persistent_workers=false", "experiment.eval_batch_size=256",
+            f"experiment.teacher1_ckpt={teachers[0]}", f"experiment.teacher2_ckpt={teachers[1]}"]
+
+
+def life_plan(rng: random.Random) -> list[str]:
+    """Kill points across a whole run, in life order, drawn by ``rng``; ``corrupt:<how>``
+    damages ``last.pt`` before the next command instead of killing one."""
+    batches = STUDENT_EPOCHS * (TRAIN_PER_CLASS * 10 // BATCH)   # whole batches of the run
+    return [
+        "store.create",                                            # the store's first creation
+        "run.created",                                             # the run exists, nothing else
+        "checkpoint.write#1",                                      # the first checkpoint, half written
+        seeded_point(rng, "aux.epoch", 1, A_STEP_EPOCHS),          # inside the A-step
+        seeded_point(rng, "epoch.batch", 1, batches - 1),          # in the middle of an epoch
+        f"corrupt:{rng.choice(CORRUPTIONS)}",                      # last.pt damaged on disk
+        seeded_point(rng, "checkpoint.saved", 1, 2),               # right after a checkpoint
+        "final.eval",                                              # the final evaluation
+    ]
+
+
+@dataclass
+class LifeResult:
+    steps: list = field(default_factory=list)     # (fault, returncode, resumed?, traceback?)
+    final: subprocess.CompletedProcess | None = None
+
+    @property
+    def kills_tried(self) -> int:
+        return sum(1 for fault, *_ in self.steps if not fault.startswith("corrupt:"))
+
+    @property
+    def kills_survived(self) -> int:
+        """Kills that happened (SIGKILL) and after which the next identical command went on."""
+        return sum(1 for fault, rc, *_ in self.steps if not fault.startswith("corrupt:") and rc == SIGKILLED) \
+            if self.final is not None and self.final.returncode == 0 else 0
+
+
+def live_through(workdir: Path, module: str, args: list[str], plan: list[str], *, group: bool = False) -> LifeResult:
+    """Run ``module args`` once per kill of the plan (each killed at its point), then once to
+    the end; ``corrupt:<how>`` damages the state folder's ``last.pt`` instead."""
+    result = LifeResult()
+    for fault in plan:
+        if fault.startswith("corrupt:"):
+            lasts = sorted(workdir.glob("checkpoints/runs/*/last.pt"))
+            if lasts:
+                corrupt(lasts[0], fault.split(":", 1)[1])
+            result.steps.append((fault, None, None, False))
+            continue
+        out = run_step(module, args, workdir, fault=fault, group=group)
+        result.steps.append((fault, out.returncode, "resumed from" in out.stderr, "Traceback" in out.stderr))
+    result.final = run_step(module, args, workdir)
+    return result

@@ -169,6 +169,22 @@ def test_a_run_killed_before_its_first_checkpoint_is_found_and_resumed(workdir):
     assert run.data.tags[OWNER_TAG] == owner_id()
 
 
+def test_a_run_that_failed_before_its_first_checkpoint_is_reopened_not_duplicated(workdir):
+    configure_tracking()
+    state = workdir / "state"
+    failed = _killed_run(StateFolder(state), with_checkpoint=False)
+    client = MlflowClient()
+    client.set_tag(failed, "asib.error", "MissingArtifactError: teacher checkpoint not found")
+    client.set_terminated(failed, "FAILED")
+    with resumable_state(state, IDENTITY) as (folder, resume_id):
+        assert resume_id == failed
+        with open_run(experiment="faults", run_name="r", tags={STATE_TAG: folder.key}, resume_run_id=resume_id):
+            pass
+    run = client.get_run(failed)
+    assert run.info.status == "FINISHED" and "asib.error" not in run.data.tags
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
 @pytest.mark.parametrize("how", ["truncated", "garbage", "empty"])
 def test_a_corrupt_last_checkpoint_resumes_the_same_run_from_the_previous_one(workdir, how):
     configure_tracking()

@@ -97,8 +97,9 @@ def resume_target(folder: StateFolder, identity: str) -> str | None:
     1. A readable checkpoint (``last.pt``, else ``prev.pt``: an unreadable file is said in
        one sentence and moved aside as ``*.corrupt``) names its run: that run is resumed
        from it, unless it FINISHED or the store no longer has it (the folder is cleared).
-    2. No checkpoint file at all: the newest run of this folder that was killed before its
-       first checkpoint (closed as an orphan, ``owners.py``) is resumed from its beginning.
+    2. No checkpoint file at all: the newest run of this folder that ended before its first
+       checkpoint (killed - closed as an orphan, ``owners.py`` - failed or interrupted) is
+       resumed from its beginning.
     3. Checkpoint files, none readable: that run stays KILLED (tag ``asib.orphan`` says why),
        the folder is cleared and a new run starts from the beginning.
     """
@@ -119,7 +120,7 @@ def resume_target(folder: StateFolder, identity: str) -> str | None:
             return run_id
         folder.clear()
         return None
-    orphans = _killed_orphans(folder, identity, ORPHAN_TAG)
+    orphans = _unfinished_runs(folder, identity)
     if had_files:
         client = MlflowClient()
         for run in orphans:
@@ -131,7 +132,7 @@ def resume_target(folder: StateFolder, identity: str) -> str | None:
         return None
     if orphans:
         run_id = orphans[0].info.run_id
-        log.warning("run %s was killed before its first checkpoint: it starts again from its beginning", run_id)
+        log.warning("run %s ended before its first checkpoint: it starts again from its beginning", run_id)
         return run_id
     return None
 
@@ -148,14 +149,17 @@ def _run_status(run_id: str | None) -> str | None:
     return None if run.info.lifecycle_stage == "deleted" else run.info.status
 
 
-def _killed_orphans(folder: StateFolder, identity: str, orphan_tag: str) -> list:
-    """Runs of this folder closed as orphans, newest first."""
+def _unfinished_runs(folder: StateFolder, identity: str) -> list:
+    """Runs of this folder that ended without finishing (closed as orphans, failed, interrupted;
+    not pruned, not pointers to a resumed run), newest first."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     experiment_ids = [e.experiment_id for e in client.search_experiments()]
     if not experiment_ids:
         return []
-    runs = client.search_runs(experiment_ids, f"tags.`asib.identity` = '{identity}' and attributes.status = 'KILLED'",
+    runs = client.search_runs(experiment_ids, f"tags.`asib.identity` = '{identity}' and "
+                                              "attributes.status IN ('KILLED', 'FAILED')",
                               order_by=["attributes.start_time DESC"], max_results=100)
-    return [r for r in runs if r.data.tags.get(STATE_TAG) == folder.key and orphan_tag in r.data.tags]
+    skip = ("asib.pruned", "asib.resumed_into")
+    return [r for r in runs if r.data.tags.get(STATE_TAG) == folder.key and not any(t in r.data.tags for t in skip)]

@@ -106,13 +106,17 @@ def open_run(*, experiment: str, run_name: str, tags: dict, resume_run_id: str |
         # interrupted run: close the fresh one as a pointer to the resumed run.
         client.set_tag(attached, "asib.resumed_into", resume_run_id)
         client.set_terminated(attached, "KILLED")
+        parent = client.get_run(attached).data.tags.get("mlflow.parentRunId")
+        if parent and not parent_run_id:   # the resumed run moves under the new chain's parent
+            all_tags["mlflow.parentRunId"] = parent
         os.environ.pop("MLFLOW_RUN_ID", None)
     if resume_run_id:
         client.set_tag(resume_run_id, OWNER_TAG, all_tags[OWNER_TAG])
         run = mlflow.start_run(run_id=resume_run_id, nested=nested)
         client.update_run(resume_run_id, status="RUNNING")
-        with contextlib.suppress(MlflowException):
-            client.delete_tag(resume_run_id, ORPHAN_TAG)
+        stale = [t for t in (ORPHAN_TAG, ERROR_TAG) if t in client.get_run(resume_run_id).data.tags]
+        for tag in stale:   # how the run ended before: no longer true
+            client.delete_tag(resume_run_id, tag)
     elif attached:
         client.set_tag(attached, OWNER_TAG, all_tags[OWNER_TAG])
         run = mlflow.start_run(run_id=attached, run_name=run_name, nested=nested)
