@@ -6,7 +6,7 @@
 * ``start_step`` is the same without waiting (two identical commands at once);
 * ``audit(workdir)`` reads the workdir's sqlite store and files back: runs left RUNNING, runs
   per (step, identity), leftover temporary files, metric keys with a step logged twice;
-* ``final_metrics(run)`` and ``metric_histories(run_id)``: what "identical results" compares;
+* ``final_metrics(run)`` and ``metric_histories(run_id, workdir)``: what "identical results" compares;
 * ``corrupt(path, how)``: a truncated, garbage or empty file.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlflow
 from mlflow.tracking import MlflowClient
 
 from pipeline_helpers import all_runs, env_for
@@ -107,8 +108,14 @@ def _has_repeated_step(history) -> bool:
     return len(steps) != len(set(steps))
 
 
-def metric_histories(run_id: str) -> dict:
-    """key -> [(step, value), ...] sorted by step (the whole logged curve of every metric)."""
+def use_store(workdir: Path) -> None:
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+
+
+def metric_histories(run_id: str, workdir: Path) -> dict:
+    """key -> [(step, value), ...] sorted by step (the whole logged curve of every metric) of a
+    run in ``workdir``'s store."""
+    use_store(workdir)
     client = MlflowClient()
     run = client.get_run(run_id)
     timing = ("epoch_time", "img_per_s", "train/img_per_s_mean", "total_train_time_sec")

@@ -158,8 +158,8 @@ def _unfinished_runs(folder: StateFolder, identity: str) -> list:
     experiment_ids = [e.experiment_id for e in client.search_experiments()]
     if not experiment_ids:
         return []
-    runs = client.search_runs(experiment_ids, f"tags.`asib.identity` = '{identity}' and "
-                                              "attributes.status IN ('KILLED', 'FAILED')",
-                              order_by=["attributes.start_time DESC"], max_results=100)
+    runs = client.search_runs(experiment_ids, f"tags.`asib.identity` = '{identity}'",
+                              order_by=["attributes.start_time DESC"], max_results=200)
     skip = ("asib.pruned", "asib.resumed_into")
-    return [r for r in runs if r.data.tags.get(STATE_TAG) == folder.key and not any(t in r.data.tags for t in skip)]
+    return [r for r in runs if r.info.status in ("KILLED", "FAILED") and r.data.tags.get(STATE_TAG) == folder.key
+            and not any(t in r.data.tags for t in skip)]
