@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import mlflow
 import pytest
@@ -137,10 +138,19 @@ def test_runs_whose_process_is_gone_are_closed_and_no_other(workdir):
         client.set_terminated(run_id)
 
 
-def test_a_recycled_pid_is_not_taken_for_the_owner(workdir):
-    configure_tracking()
+def test_a_recycled_pid_or_a_zombie_is_not_taken_for_the_owner():
     host, pid, start = owner_id().rsplit(":", 2)
     assert owner_alive(f"{host}:{pid}:{int(start) + 1}") is False
+    child = subprocess.Popen([sys.executable, "-c", "pass"])   # ends, not yet reaped: a zombie
+    try:
+        for _ in range(600):
+            with open(f"/proc/{child.pid}/stat", encoding="utf-8") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.1)
+        assert owner_alive(owner_id(child.pid)) is False
+    finally:
+        child.wait()
 
 
 # -- the resume lookup on a real store -------------------------------------------------------

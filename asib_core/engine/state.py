@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import shutil
+import time
 import zipfile
 from pathlib import Path
 
@@ -152,8 +153,6 @@ class StateFolder:
         return self
 
     def _lock(self, fd: int) -> None:
-        import time
-
         deadline = None
         while True:
             try:

@@ -23,13 +23,19 @@ OWNER_TAG = "asib.owner"
 ORPHAN_TAG = "asib.orphan"
 
 
-def _start_time(pid: int) -> str:
-    """Start time of a process in clock ticks since boot ('' where /proc is not available)."""
+def _proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (state first); [] without /proc."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[19]
+            return fh.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return ""
+        return []
+
+
+def _start_time(pid: int) -> str:
+    """Start time of a process in clock ticks since boot ('' where /proc is not available)."""
+    fields = _proc_stat(pid)
+    return fields[19] if len(fields) > 19 else ""
 
 
 def owner_id(pid: int | None = None) -> str:
@@ -52,7 +58,10 @@ def owner_alive(owner: str) -> bool | None:
         return False
     except PermissionError:
         pass
-    return not start or _start_time(pid) in ("", start)
+    fields = _proc_stat(pid)
+    if not fields:
+        return True                       # no /proc: the pid exists, that is all one can tell
+    return fields[0] != "Z" and (not start or fields[19] == start)   # a zombie has ended
 
 
 def close_orphan(run_id: str, reason: str) -> None:
