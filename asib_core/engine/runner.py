@@ -11,7 +11,8 @@ method around a teacher, by fine-tuning. Flow of :meth:`TrainingRun.fit`:
 
 A checkpoint is written after every epoch (and after the pre-training stage and each
 stage_start hook), so a run killed at any moment restarts from the last completed
-epoch; on CPU with a fixed seed it then ends with the same metrics as an
+epoch (``last.pt``; the checkpoint before it is kept as ``prev.pt`` and used when ``last.pt``
+is unreadable, see state.py); on CPU with a fixed seed it then ends with the same metrics as an
 uninterrupted run (batches and mixing are drawn from per-epoch seeded generators and
 the global RNG state is saved).
 
