@@ -163,8 +163,8 @@ class StateFolder:
                 if holder is not None and pid_alive(holder):
                     raise StateInUse(
                         f"the run state folder {self.path} is in use by process {holder}, which is running "
-                        "this same step with the same configuration: wait for it to finish (it resumes "
-                        "nothing of yours), or give this command its own checkpoint_dir=..."
+                        "this same step with the same configuration; two processes never share one run's "
+                        "state: wait for that one to finish, or give this command its own checkpoint_dir=..."
                     ) from None
                 # the holder died; its forked children (data-loader workers) exit shortly
                 deadline = deadline or time.monotonic() + HOLDER_WAIT_S
