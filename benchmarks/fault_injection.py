@@ -27,7 +27,6 @@ Figures:
 from __future__ import annotations
 
 import argparse
-import random
 import re
 import resource
 import shutil
@@ -58,7 +57,7 @@ def reference_pair(work: Path, args: list[str]) -> dict:
 
 
 def one_life(work: Path, args: list[str], seed: int, reference) -> dict:
-    plan = life_plan(random.Random(seed))
+    plan = life_plan(seed)
     life = live_through(work, "pipelines.distill", args, plan)
     report = audit(work)
     distills = [r for r in report.runs if r.data.tags.get("step") == "distill"]

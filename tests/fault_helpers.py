@@ -184,9 +184,11 @@ def asib_digits_args(teachers: list[Path]) -> list[str]:
             f"experiment.teacher1_ckpt={teachers[0]}", f"experiment.teacher2_ckpt={teachers[1]}"]
 
 
-def life_plan(rng: random.Random) -> list[str]:
-    """Kill points across a whole run, in life order, drawn by ``rng``; ``corrupt:<how>``
-    damages ``last.pt`` before the next command instead of killing one."""
+def life_plan(seed: int) -> list[str]:
+    """Kill points across a whole run, in life order, drawn by a generator seeded with ``seed``;
+    ``corrupt:<how>`` damages ``last.pt`` before the next command instead of killing one (the
+    kind cycles with the seed: truncated, garbage, empty)."""
+    rng = random.Random(seed)
     batches = STUDENT_EPOCHS * (TRAIN_PER_CLASS * 10 // BATCH)   # whole batches of the run
     return [
         "store.create",                                            # the store's first creation
@@ -194,7 +196,7 @@ def life_plan(rng: random.Random) -> list[str]:
         "checkpoint.write#1",                                      # the first checkpoint, half written
         seeded_point(rng, "aux.epoch", 1, A_STEP_EPOCHS),          # inside the A-step
         seeded_point(rng, "epoch.batch", 1, batches - 1),          # in the middle of an epoch
-        f"corrupt:{rng.choice(CORRUPTIONS)}",                      # last.pt damaged on disk
+        f"corrupt:{CORRUPTIONS[seed % len(CORRUPTIONS)]}",         # last.pt damaged on disk
         seeded_point(rng, "checkpoint.saved", 1, 2),               # right after a checkpoint
         "final.eval",                                              # the final evaluation
     ]

@@ -17,7 +17,6 @@ A-step epoch and checkpoint is drawn by a seeded generator (``ASIB_FAULT_SEED``,
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 
@@ -60,7 +59,7 @@ def test_two_identical_commands_at_once_one_trains_the_other_is_refused(referenc
 def test_a_run_killed_across_its_whole_life_ends_as_one_run_with_the_uninterrupted_metrics(
         tmp_path, teachers, reference):
     args = asib_digits_args(teachers)
-    plan = life_plan(random.Random(SEED))
+    plan = life_plan(SEED)
     life = live_through(tmp_path, "pipelines.distill", args, plan)
     assert life.final.returncode == 0, life.final.stderr[-4000:]
     for fault, rc, _, traceback in life.steps:
