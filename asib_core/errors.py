@@ -52,11 +52,18 @@ def check_writable_store(uri: str) -> None:
         check_writable_dir(uri, "the tracking store")
 
 
+class StateInUse(RuntimeError):
+    """Another live process holds the run state folder this command would write (one writer per run)."""
+
+
+class TrackingUnavailable(ConnectionError):
+    """The MLflow tracking server named by MLFLOW_TRACKING_URI does not answer."""
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Imported on demand so that light commands (config printing) do not import torch."""
     from asib_core.data import DataError, DatasetNotFoundError
     from asib_core.models import PretrainedWeightsUnavailable
 
     return (ConfigError, ConfigLockError, MissingArtifactError, CheckpointError, UnwritableError,
-            DatasetNotFoundError, DataError,
-            PretrainedWeightsUnavailable)
+            DatasetNotFoundError, DataError, PretrainedWeightsUnavailable, StateInUse, TrackingUnavailable)

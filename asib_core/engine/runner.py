@@ -11,7 +11,8 @@ method around a teacher, by fine-tuning. Flow of :meth:`TrainingRun.fit`:
 
 A checkpoint is written after every epoch (and after the pre-training stage and each
 stage_start hook), so a run killed at any moment restarts from the last completed
-epoch; on CPU with a fixed seed it then ends with the same metrics as an
+epoch (``last.pt``; the checkpoint before it is kept as ``prev.pt`` and used when ``last.pt``
+is unreadable, see state.py); on CPU with a fixed seed it then ends with the same metrics as an
 uninterrupted run (batches and mixing are drawn from per-epoch seeded generators and
 the global RNG state is saved).
 
@@ -31,12 +32,13 @@ from torch import nn
 
 from asib_core.config.lock import ConfigLock
 from asib_core.contract import Distiller, TrainContext
+from asib_core.faults import calls_fault_point, fault_point
 
 from .amp import Precision
 from .distributed import DistContext
 from .loop import EpochSettings, NonFiniteLoss, evaluate, train_epoch
 from .schedules import kd_cap, kd_ramp, tau_for_epoch
-from .state import atomic_save, load_state, restore_rng, rng_state
+from .state import atomic_save, latest_checkpoint_in, load_state, restore_rng, rng_state, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,7 @@ class TrainingRun:
         self.dist = dist or DistContext()
         self.title = title
         self.state = RunState()
+        self.restored_from: Path | None = None
         #: test hook: (student_epoch, batch, times) poisons that batch's loss `times` times
         self.inject_nonfinite: tuple[int, int, int] | None = None
         self._injected = 0
@@ -163,13 +166,15 @@ class TrainingRun:
             "config_sha256": self.lock.sha256,
             "run_id": getattr(self.tracker, "run_id", None),
         }
-        atomic_save(payload, self.last_path)
+        save_checkpoint(payload, self.state_dir)
+        fault_point("checkpoint.saved")
 
-    def restore(self, path: Path | None = None) -> bool:
-        path = path or self.last_path
-        if not path.exists():
+    def restore(self) -> bool:
+        """Load the newest readable checkpoint (``last.pt``, else ``prev.pt``); False if none."""
+        payload, path = latest_checkpoint_in(self.state_dir)
+        if payload is None:
             return False
-        payload = load_state(path)
+        self.restored_from = path
         self.distiller.load_checkpoint_state(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         for sched, key in ((self.scheduler, "scheduler"), (self.plateau_scheduler, "plateau"),
@@ -197,7 +202,7 @@ class TrainingRun:
 
     def fit(self) -> dict:
         if self.restore():
-            log.info("resumed from %s at stage %d epoch %d", self.last_path, self.state.stage,
+            log.info("resumed from %s at stage %d epoch %d", self.restored_from, self.state.stage,
                      self.state.epoch_in_stage)
         else:
             self.checkpoint()  # the initial state is the first 'last good state'
@@ -267,6 +272,7 @@ class TrainingRun:
                 distiller.record(**{"kd/cap_factor": factor})
             return logits, losses
 
+        step = calls_fault_point(step, "epoch.batch")
         result = train_epoch(step, self.train_loader, self.optimizer,
                              self.params, self.precision, settings, reducer=self.dist.reduce_sum,
                              scheduler_per_batch=self.batch_scheduler)
@@ -358,6 +364,7 @@ class TrainingRun:
             for key, value in self.distiller.pop_epoch_metrics().items():
                 metrics[key if "/" in key else f"{name}/{key}"] = value
             self.log_metrics(metrics)
+            fault_point("aux.epoch")
             self.state.history.append({"step": self.state.log_step, **metrics})
             self.state.log_step += 1
             out.append(metrics)

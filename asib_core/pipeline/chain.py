@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from asib_core.config import identity_hash, resolve_experiment
 from asib_core.methods import get_method
 from asib_core.tracking import configure_tracking, experiment_for, open_run, search_finished
+from asib_core.tracking.owners import OWNER_TAG, owner_id
 
 from .common import run_tags, setup_logging, teacher_names
 from .distill import run_identity
@@ -47,7 +48,9 @@ def _finished_with_identity(step: str, identity: str):
 def _launch(entry_point: str, parameters: dict, parent_id: str, experiment_id: str, env_manager: str,
             run_name: str) -> str:
     client = MlflowClient()
-    child = client.create_run(experiment_id, run_name=run_name, tags={"mlflow.parentRunId": parent_id})
+    # owned by this process until the step attaches to it (a kill in between: closed as an orphan)
+    child = client.create_run(experiment_id, run_name=run_name,
+                              tags={"mlflow.parentRunId": parent_id, OWNER_TAG: owner_id()})
     submitted = mlflow.projects.run(str(PROJECT_DIR), entry_point=entry_point, parameters=parameters,
                                     env_manager=env_manager, run_id=child.info.run_id,
                                     experiment_id=experiment_id, synchronous=True)

@@ -1,16 +1,18 @@
 """Small pieces every step shares: seeding, git commit, file hashes, run tags."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import random
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from asib_core.engine.state import StateFolder
 
 log = logging.getLogger("asib")
 
@@ -70,23 +72,94 @@ def run_time_metrics(history: list[dict]) -> dict:
             "total_train_time_sec": sum(h.get("epoch_time", 0.0) for h in history)}
 
 
-def resume_target(state_dir: Path) -> str | None:
-    """The unfinished run a checkpoint directory belongs to (None: start fresh).
+STATE_TAG = "asib.state_dir"
+_UNFINISHED = ("RUNNING", "FAILED", "KILLED", "SCHEDULED")
 
-    A checkpoint of a FINISHED run (or of a run the store no longer has) is removed.
+
+@contextlib.contextmanager
+def resumable_state(state_dir: Path, identity: str, *, enabled: bool = True):
+    """Hold a step's state folder for the whole step and find the run it continues.
+
+    Yields ``(folder, resume_run_id)``. The folder's lock makes this process its only writer
+    (a second identical command is refused: :class:`~asib_core.errors.StateInUse`); ``enabled``
+    is False on the non-zero ranks of a distributed run (rank 0 holds the folder)."""
+    folder = StateFolder(state_dir)
+    if not enabled:
+        yield folder, None
+        return
+    with folder.claim():
+        yield folder, resume_target(folder, identity)
+
+
+def resume_target(folder: StateFolder, identity: str) -> str | None:
+    """The unfinished run a state folder continues (None: a new run starts).
+
+    1. A readable checkpoint (``last.pt``, else ``prev.pt``: an unreadable file is said in
+       one sentence and moved aside as ``*.corrupt``) names its run: that run is resumed
+       from it, unless it FINISHED or the store no longer has it (the folder is cleared).
+    2. No checkpoint file at all: the newest run of this folder that ended before its first
+       checkpoint (killed - closed as an orphan, ``owners.py`` - failed or interrupted) is
+       resumed from its beginning.
+    3. Checkpoint files, none readable: that run stays KILLED (tag ``asib.orphan`` says why),
+       the folder is cleared and a new run starts from the beginning.
     """
-    import mlflow
-    from asib_core.engine.state import load_state
+    from mlflow.tracking import MlflowClient
 
-    last = Path(state_dir) / "last.pt"
-    if not last.exists():
+    from asib_core.tracking.owners import ORPHAN_TAG, close_orphans
+
+    close_orphans()
+    had_files = folder.has_checkpoint_files()
+    payload, path, problems = folder.latest_checkpoint()
+    for problem in problems:
+        log.warning("%s", problem)
+    if payload is not None:
+        run_id = payload.get("run_id")
+        if _run_status(run_id) in _UNFINISHED:
+            if problems:
+                log.warning("run %s resumes from the previous good checkpoint %s", run_id, path.name)
+            return run_id
+        folder.clear()
         return None
-    run_id = load_state(last).get("run_id")
-    try:
-        status = mlflow.get_run(run_id).info.status if run_id else None
-    except Exception:  # noqa: BLE001 - unknown run id in this store: start fresh
-        status = None
-    if status in ("RUNNING", "FAILED", "KILLED", "SCHEDULED"):
+    orphans = _unfinished_runs(folder, identity)
+    if had_files:
+        client = MlflowClient()
+        for run in orphans:
+            client.set_tag(run.info.run_id, ORPHAN_TAG, f"its checkpoints in {folder.path} are unreadable; "
+                                                        "the step started again as a new run")
+        log.warning("no readable checkpoint in %s: the step starts again from its beginning, as a new run",
+                    folder.path)
+        folder.clear()
+        return None
+    if orphans:
+        run_id = orphans[0].info.run_id
+        log.warning("run %s ended before its first checkpoint: it starts again from its beginning", run_id)
         return run_id
-    shutil.rmtree(state_dir, ignore_errors=True)
     return None
+
+
+def _run_status(run_id: str | None) -> str | None:
+    import mlflow
+
+    if not run_id:
+        return None
+    try:
+        run = mlflow.get_run(run_id)
+    except Exception:  # noqa: BLE001 - unknown run id in this store: start fresh
+        return None
+    return None if run.info.lifecycle_stage == "deleted" else run.info.status
+
+
+def _unfinished_runs(folder: StateFolder, identity: str) -> list:
+    """Runs of this folder that ended without finishing (closed as orphans, failed, interrupted;
+    not pruned, not pointers to a resumed run), newest first."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    if not experiment_ids:
+        return []
+    runs = client.search_runs(experiment_ids, f"tags.`asib.identity` = '{identity}'",
+                              order_by=["attributes.start_time DESC"], max_results=200)
+    skip = ("asib.pruned", "asib.resumed_into")
+    return [r for r in runs if r.info.status in ("KILLED", "FAILED") and r.data.tags.get(STATE_TAG) == folder.key
+            and not any(t in r.data.tags for t in skip)]

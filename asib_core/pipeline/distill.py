@@ -26,12 +26,14 @@ from asib_core.engine.runner import FitSpec, TrainingRun
 from asib_core.engine.schedules import build_epoch_scheduler
 from asib_core.engine.state import atomic_save
 from asib_core.errors import check_writable_dir
+from asib_core.faults import fault_point
 from asib_core.methods import build_distiller, get_method
 from asib_core.tracking import configure_tracking, experiment_for, open_run
 from asib_core.tracking.params import log_config_params
 from asib_core.tracking.plots import log_curves
 
-from .common import file_sha256, resume_target, run_tags, seed_everything, setup_logging, teacher_names
+from .common import (STATE_TAG, file_sha256, resumable_state, run_tags, seed_everything, setup_logging,
+                     teacher_names)
 from .models import build_student, load_teacher, read_teacher_checkpoint, to_device
 from .teacher_splits import check_teacher_splits
 from .teachers import resolve_teachers
@@ -137,19 +139,19 @@ def run_distill(exp: str, overrides: list[str], *, parent_run_id: str | None = N
     identity = run_identity(cfg, [s.path for s in sources])
     state_dir = Path(state_root or cfg.get("checkpoint_dir") or "checkpoints/runs") / f"distill-{identity[:20]}"
     check_writable_dir(state_dir, "checkpoint_dir: the run's state folder")  # before the run exists
-    resume_id = resume_target(state_dir) if dist.is_main else None
-    resume_id = dist.broadcast_object(resume_id)
     tags = run_tags(cfg, "distill", lock.sha256, teachers="+".join(teacher_names(cfg)) if sources else "none",
                     student=cfg["model"]["student"]["name"], **{"asib.identity": identity})
     tags.update({f"{s.role}_run": s.run_id for s in sources if s.run_id})
     tags.update(extra_tags or {})
     hooks = {"inject_nonfinite": inject_nonfinite, "on_epoch_end": on_epoch_end}
-    if not dist.is_main:
-        return _fit(cfg, lock, sources, data, device, state_dir, dist, None, hooks)
-    with open_run(experiment=experiment_for(cfg["dataset"]["name"]), run_name=run_name(cfg), tags=tags,
-                  resume_run_id=resume_id, nested=parent_run_id is not None,
-                  parent_run_id=parent_run_id) as run:
-        return _fit(cfg, lock, sources, data, device, state_dir, dist, run, hooks)
+    with resumable_state(state_dir, identity, enabled=dist.is_main) as (folder, resume_id):
+        resume_id = dist.broadcast_object(resume_id)
+        if not dist.is_main:
+            return _fit(cfg, lock, sources, data, device, state_dir, dist, None, hooks)
+        with open_run(experiment=experiment_for(cfg["dataset"]["name"]), run_name=run_name(cfg),
+                      tags={**tags, STATE_TAG: folder.key}, resume_run_id=resume_id,
+                      nested=parent_run_id is not None, parent_run_id=parent_run_id) as run:
+            return _fit(cfg, lock, sources, data, device, state_dir, dist, run, hooks)
 
 
 def _fit(cfg, lock, sources, data, device, state_dir, dist: DistContext, run, hooks: dict) -> StepResult:
@@ -190,6 +192,7 @@ def final_metrics(trainer: TrainingRun, data, precision, state: dict) -> dict:
     test_loader = data.loader("test", batch_size=int(trainer.cfg.get("eval_batch_size") or 512))
     trainer.distiller.eval()
     last = evaluate(trainer.distiller.forward_test, test_loader, precision)
+    fault_point("final.eval")
     trainer.load_best()
     best = evaluate(trainer.distiller.forward_test, test_loader, precision)
     return {

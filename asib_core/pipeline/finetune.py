@@ -35,7 +35,7 @@ from asib_core.tracking import configure_tracking, experiment_for, open_run
 from asib_core.tracking.params import log_config_params
 from asib_core.tracking.plots import log_curves
 
-from .common import resume_target, run_tags, run_time_metrics, seed_everything, setup_logging
+from .common import STATE_TAG, resumable_state, run_tags, run_time_metrics, seed_everything, setup_logging
 from .distill import StepResult
 from .models import save_teacher, teacher_payload, to_device
 from .teachers import TEACHER_ARTIFACT_DIR
@@ -166,9 +166,10 @@ def run_finetune(teacher: str, dataset: str, overrides: list[str], *, parent_run
     state_dir = Path(cfg["checkpoint_dir"]) / f"finetune-{identity[:20]}"
     check_writable_dir(state_dir, "checkpoint_dir: the run's state folder")  # before the run exists
     check_writable_dir(ckpt_path(cfg, subset_tag).parent, "finetune_ckpt_path: the teacher's folder")
-    with open_run(experiment=experiment_for(data.name), run_name=f"finetune {teacher} on {dataset} ({subset_tag})",
-                  tags=tags, resume_run_id=resume_target(state_dir), nested=parent_run_id is not None,
-                  parent_run_id=parent_run_id) as run:
+    with resumable_state(state_dir, identity) as (folder, resume_id), \
+            open_run(experiment=experiment_for(data.name), run_name=f"finetune {teacher} on {dataset} ({subset_tag})",
+                     tags={**tags, STATE_TAG: folder.key}, resume_run_id=resume_id,
+                     nested=parent_run_id is not None, parent_run_id=parent_run_id) as run:
         log_config_params(run.run_id, cfg)
         mlflow.log_text(yaml.safe_dump(cfg, sort_keys=True), "config/effective_config.yaml", run_id=run.run_id)
         model = to_device(build_teacher(cfg, data.num_classes), device, False)

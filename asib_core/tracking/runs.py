@@ -5,6 +5,8 @@ A run that fails for any reason ends FAILED with the error as the tag
 sweeps) ends KILLED with the reason as the tag ``asib.pruned``. Runs started by ``mlflow run``
 are attached through ``MLFLOW_RUN_ID`` (they live in the experiment ``mlflow run`` chose); runs started
 directly go to one experiment per dataset (``MLFLOW_EXPERIMENT_NAME`` overrides).
+A run whose process is killed outright (SIGKILL) is closed as KILLED by the next command
+(owners.py); a resumed run logs no metric point twice (:class:`RunHandle`).
 """
 from __future__ import annotations
 
@@ -12,11 +14,15 @@ import contextlib
 import os
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from asib_core.faults import fault_point
+
+from .owners import ORPHAN_TAG, OWNER_TAG, close_orphans, owner_id
 from .store import artifact_root
 
 ERROR_TAG = "asib.error"
@@ -35,7 +41,13 @@ def ensure_experiment(name: str) -> str:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=_artifact_location(name))
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_location(name))
+    except MlflowException:  # created meanwhile by a command that started at the same time
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def _artifact_location(name: str) -> str | None:
@@ -45,14 +57,27 @@ def _artifact_location(name: str) -> str | None:
 
 @dataclass
 class RunHandle:
+    """An open run. Metrics go through :meth:`log_metrics`, which keeps one point per metric
+    and step: a point the run already has (logged before a kill, by the run this one resumes)
+    is not logged again - the first value written stays."""
+
     run_id: str
     experiment_id: str
     resumed: bool
+    logged: dict = field(default_factory=dict)   # metric key -> steps the store already has
+
+    def load_logged_points(self) -> None:
+        client = MlflowClient()
+        for key in client.get_run(self.run_id).data.metrics:
+            self.logged[key] = {m.step for m in client.get_metric_history(self.run_id, key)}
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        clean = {k: float(v) for k, v in metrics.items() if v is not None and v == v}
+        clean = {k: float(v) for k, v in metrics.items()
+                 if v is not None and v == v and step not in self.logged.get(k, ())}
         if clean:
             mlflow.log_metrics(clean, step=step, run_id=self.run_id)
+            for key in clean:
+                self.logged.setdefault(key, set()).add(step)
 
     def set_tags(self, tags: dict) -> None:
         client = MlflowClient()
@@ -63,10 +88,17 @@ class RunHandle:
 @contextlib.contextmanager
 def open_run(*, experiment: str, run_name: str, tags: dict, resume_run_id: str | None = None,
              nested: bool = False, parent_run_id: str | None = None):
-    """Start, attach to or resume a run; always end it with a terminal status."""
+    """Start, attach to or resume a run; always end it with a terminal status.
+
+    RUNNING runs of this host whose process is gone are closed first (owners.py). The run
+    carries its owner tag from the moment it exists (a new run is created with all its tags in
+    one call); a resumed run is taken over (RUNNING, this owner, its known metric points loaded).
+    """
+    close_orphans()
     attached = os.environ.get("MLFLOW_RUN_ID")
     client = MlflowClient()
-    all_tags = dict(tags)
+    all_tags = {k: str(v)[:MAX_TAG] for k, v in tags.items()}
+    all_tags[OWNER_TAG] = owner_id()
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     if resume_run_id and attached and attached != resume_run_id:
@@ -74,19 +106,30 @@ def open_run(*, experiment: str, run_name: str, tags: dict, resume_run_id: str |
         # interrupted run: close the fresh one as a pointer to the resumed run.
         client.set_tag(attached, "asib.resumed_into", resume_run_id)
         client.set_terminated(attached, "KILLED")
+        parent = client.get_run(attached).data.tags.get("mlflow.parentRunId")
+        if parent and not parent_run_id:   # the resumed run moves under the new chain's parent
+            all_tags["mlflow.parentRunId"] = parent
         os.environ.pop("MLFLOW_RUN_ID", None)
     if resume_run_id:
+        client.set_tag(resume_run_id, OWNER_TAG, all_tags[OWNER_TAG])
         run = mlflow.start_run(run_id=resume_run_id, nested=nested)
         client.update_run(resume_run_id, status="RUNNING")
+        stale = [t for t in (ORPHAN_TAG, ERROR_TAG) if t in client.get_run(resume_run_id).data.tags]
+        for tag in stale:   # how the run ended before: no longer true
+            client.delete_tag(resume_run_id, tag)
     elif attached:
+        client.set_tag(attached, OWNER_TAG, all_tags[OWNER_TAG])
         run = mlflow.start_run(run_id=attached, run_name=run_name, nested=nested)
         if mlflow.get_run(attached).info.run_name != run_name:
             client.update_run(attached, name=run_name)
     else:
         exp_id = ensure_experiment(experiment)
-        run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, nested=nested)
+        run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, nested=nested, tags=all_tags)
     handle = RunHandle(run.info.run_id, run.info.experiment_id, bool(resume_run_id))
-    mlflow.set_tags({k: str(v)[:MAX_TAG] for k, v in all_tags.items()})
+    fault_point("run.created")
+    mlflow.set_tags(all_tags)
+    if handle.resumed:
+        handle.load_logged_points()
     try:
         yield handle
     except KeyboardInterrupt:
