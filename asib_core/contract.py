@@ -152,3 +152,19 @@ class Distiller(nn.Module):
 
     def load_deploy_state(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
+
+    def deployed_model(self) -> nn.Module:
+        """The deployable network: a module whose ``forward(x)`` is :meth:`forward_test`,
+        without the teachers (it shares its sub-modules with this distiller)."""
+        return StudentLogits(self.student)
+
+
+class StudentLogits(nn.Module):
+    """A student as a plain classifier: images in, logits out (its ``logit`` output)."""
+
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.student = student
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)["logit"]

@@ -98,8 +98,8 @@ def _independent_groups(experiment: str) -> dict:
         def values(name, scale=1.0):
             return np.array([run.data.metrics[name] * scale for run in runs], dtype=float)
         row = {"n": len(runs), "seeds": ",".join(sorted((r.data.tags["seed"] for r in runs), key=int))}
-        for col, metric, scale in (("val_top1", "val/best_acc", 100.0), ("test_top1", "test/acc", 100.0),
-                                   ("test_top1_last", "test/acc_last", 100.0),
+        for col, metric, scale in (("val_acc", "val/best_acc", 100.0), ("test_acc", "test/acc", 100.0),
+                                   ("test_acc_last", "test/acc_last", 100.0),
                                    ("train_time_s", "total_train_time_sec", 1.0),
                                    ("img_per_s", "train/img_per_s_mean", 1.0)):
             v = values(metric, scale)
@@ -147,7 +147,7 @@ def test_report_files_markdown_and_report_run(report, store):
     assert all((out / "curves" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     md = (out / "report.md").read_text()
     kd = report.report.groups.set_index("method").loc["vanilla_kd"]
-    cell = f"{kd['test_top1_mean']:.2f} ± {kd['test_top1_std']:.2f}"
+    cell = f"{kd['test_acc_mean']:.2f} ± {kd['test_acc_std']:.2f}"
     assert cell in md and "| quickstart | vanilla_kd | resnet20+wrn_16_2 | resnet8 | 2 | 1,2 |" in md
     assert "not averaged" in md and "evaluate/FINISHED: 1" in md and "finetune/FINISHED: 2" in md
     runs = pd.read_csv(out / "runs.csv")
@@ -198,15 +198,15 @@ def test_ladder_table_difference_to_l0(store, tmp_path):
         tests = [_acc(row["exp"], s)[1] * 100 for s in seeds]
         vals = [_acc(row["exp"], s)[0] * 100 for s in seeds]
         assert int(row["n"]) == len(seeds)  # the sweep trial of L1 is not counted
-        assert row["test_top1_mean"] == pytest.approx(np.mean(tests))
-        assert row["delta_test_top1"] == pytest.approx(np.mean(tests) - base)
-        assert row["delta_val_top1"] == pytest.approx(np.mean(vals) - base_val)
+        assert row["test_acc_mean"] == pytest.approx(np.mean(tests))
+        assert row["delta_test_acc"] == pytest.approx(np.mean(tests) - base)
+        assert row["delta_val_acc"] == pytest.approx(np.mean(vals) - base_val)
         if len(seeds) > 1:
-            assert row["test_top1_std"] == pytest.approx(np.std(tests, ddof=1))
+            assert row["test_acc_std"] == pytest.approx(np.std(tests, ddof=1))
         assert row["train_time_s_mean"] == pytest.approx(np.mean([100.0 * s for s in seeds]))
     md = (tmp_path / "ladder" / "ladder.md").read_text()
     l1 = ladder[ladder["level"] == "L1"].iloc[0]
-    assert "| L1 | L1_ib | 3 | 1,2,3 |" in md and f"{l1['delta_test_top1']:+.2f}" in md
+    assert "| L1 | L1_ib | 3 | 1,2,3 |" in md and f"{l1['delta_test_acc']:+.2f}" in md
     assert rep.skipped == {"distill/FAILED": 1, "distill (sweep trial)/FINISHED": 1}
     # the baselines table has the ASIB column when asib runs exist
     assert "| ASIB |" in (tmp_path / "ladder" / "baselines.md").read_text()

@@ -116,7 +116,7 @@ def run_main(exp: str, overrides: list[str], *, env_manager: str = "local", base
             eval_id = step(f"evaluate_{name}", "evaluate", {"run_id": run_id}, f"evaluate-{run_id}",
                            "evaluate", f"evaluate {name}")
             metrics = MlflowClient().get_run(eval_id).data.metrics
-            result.metrics[f"{name}/test_top1"] = metrics.get("test/top1", float("nan"))
+            result.metrics[f"{name}/test_acc"] = metrics.get("test/acc", float("nan"))
         parent.log_metrics(result.metrics, step=0)
         _log_summary(parent.run_id, result)
     return result

@@ -35,6 +35,7 @@ from asib_core.tracking.plots import log_curves
 from .common import (STATE_TAG, file_sha256, resumable_state, run_tags, seed_everything, setup_logging,
                      teacher_names)
 from .models import build_student, load_teacher, read_teacher_checkpoint, to_device
+from .student_model import log_student_model
 from .teacher_splits import check_teacher_splits
 from .teachers import resolve_teachers
 
@@ -219,4 +220,6 @@ def finish_run(run, trainer: TrainingRun, distiller, cfg: dict, data, sha: str, 
     history = trainer.state.history
     mlflow.log_text(json.dumps(history, indent=1), "history.json", run_id=run.run_id)
     log_curves(run.run_id, history, run_name(cfg))
+    if cfg.get("log_model", True):
+        log_student_model(run, distiller, cfg, data, sha)
     run.set_tags({"asib.final_test_acc": f"{metrics['test/acc']:.4f}"})
