@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from pipelines._cli import user_errors
+from pipelines._cli import exit_on_help, user_errors
 
 OPTIONS = ("run_id", "model")
 
@@ -20,8 +20,10 @@ OPTIONS = ("run_id", "model")
 def main(argv: list[str] | None = None) -> int:
     from asib_core.config import ConfigError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    exit_on_help(argv, __doc__, "evaluate")
     with user_errors():
-        args = dict(item.split("=", 1) for item in (sys.argv[1:] if argv is None else argv) if "=" in item)
+        args = dict(item.split("=", 1) for item in argv if "=" in item)
         given = [args[k] for k in OPTIONS if args.get(k)]
         if len(given) != 1:
             raise ConfigError("evaluate needs exactly one of run_id=<id of a FINISHED distill or finetune run> "

@@ -9,12 +9,14 @@ import os
 import shlex
 import sys
 
-from pipelines._cli import ENV_MANAGERS, choice_option, count_option, parse_exp_args, pop_option, user_errors
+from pipelines._cli import (ENV_MANAGERS, choice_option, count_option, exit_on_help, parse_exp_args, pop_option,
+                           user_errors)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    exit_on_help(argv, __doc__, "main")
     with user_errors():
-        argv = list(sys.argv[1:] if argv is None else argv)
         baseline = pop_option(argv, "baseline", "ce")
         nproc = count_option(argv, "nproc", 1)
         env_manager = choice_option(argv, "env_manager", os.environ.get("ASIB_ENV_MANAGER", "local"),

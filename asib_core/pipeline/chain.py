@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from asib_core.config import identity_hash, resolve_experiment
 from asib_core.methods import get_method
-from asib_core.tracking import configure_tracking, experiment_for, open_run, search_finished
+from asib_core.tracking import configure_tracking, experiment_name, open_run, search_finished
 from asib_core.tracking.owners import OWNER_TAG, owner_id
 
 from .common import run_tags, setup_logging, teacher_names
@@ -77,7 +77,7 @@ def run_main(exp: str, overrides: list[str], *, env_manager: str = "local", base
     result = ChainResult(parent_run_id="")
     tags = run_tags(cfg, "main", resolved.sha256, teachers="+".join(teacher_names(cfg)),
                     student=cfg["model"]["student"]["name"])
-    with open_run(experiment=experiment_for(dataset), run_name=f"{exp} main", tags=tags) as parent:
+    with open_run(experiment=experiment_name(), run_name=f"{exp} main", tags=tags) as parent:
         result.parent_run_id = parent.run_id
         exp_id = parent.experiment_id
 

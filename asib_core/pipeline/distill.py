@@ -28,7 +28,7 @@ from asib_core.engine.state import atomic_save
 from asib_core.errors import check_writable_dir
 from asib_core.faults import fault_point
 from asib_core.methods import build_distiller, get_method
-from asib_core.tracking import configure_tracking, experiment_for, open_run
+from asib_core.tracking import configure_tracking, experiment_name, open_run
 from asib_core.tracking.params import log_config_params
 from asib_core.tracking.plots import log_curves
 
@@ -149,7 +149,7 @@ def run_distill(exp: str, overrides: list[str], *, parent_run_id: str | None = N
         resume_id = dist.broadcast_object(resume_id)
         if not dist.is_main:
             return _fit(cfg, lock, sources, data, device, state_dir, dist, None, hooks)
-        with open_run(experiment=experiment_for(cfg["dataset"]["name"]), run_name=run_name(cfg),
+        with open_run(experiment=experiment_name(), run_name=run_name(cfg),
                       tags={**tags, STATE_TAG: folder.key}, resume_run_id=resume_id,
                       nested=parent_run_id is not None, parent_run_id=parent_run_id) as run:
             return _fit(cfg, lock, sources, data, device, state_dir, dist, run, hooks)

@@ -31,7 +31,7 @@ from asib_core.errors import check_writable_dir
 from asib_core.methods.ce import CEOnly
 from asib_core.models import create_model
 from asib_core.models.checkpoint import check_shapes
-from asib_core.tracking import configure_tracking, experiment_for, open_run
+from asib_core.tracking import configure_tracking, experiment_name, open_run
 from asib_core.tracking.params import log_config_params
 from asib_core.tracking.plots import log_curves
 
@@ -167,7 +167,7 @@ def run_finetune(teacher: str, dataset: str, overrides: list[str], *, parent_run
     check_writable_dir(state_dir, "checkpoint_dir: the run's state folder")  # before the run exists
     check_writable_dir(ckpt_path(cfg, subset_tag).parent, "finetune_ckpt_path: the teacher's folder")
     with resumable_state(state_dir, identity) as (folder, resume_id), \
-            open_run(experiment=experiment_for(data.name), run_name=f"finetune {teacher} on {dataset} ({subset_tag})",
+            open_run(experiment=experiment_name(), run_name=f"finetune {teacher} on {dataset} ({subset_tag})",
                      tags={**tags, STATE_TAG: folder.key}, resume_run_id=resume_id,
                      nested=parent_run_id is not None, parent_run_id=parent_run_id) as run:
         log_config_params(run.run_id, cfg)

@@ -24,7 +24,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from asib_core.config import ConfigError, resolve_experiment
-from asib_core.tracking import configure_tracking, experiment_for, open_run
+from asib_core.tracking import configure_tracking, experiment_name, open_run
 
 from . import study as st
 from .recovery import IDENTITY_TAG, PARENT_ATTR, STATE_ATTR, UID_ATTR, Heartbeat, close_dead_worker_runs, \
@@ -212,7 +212,7 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
     title = f"sweep {name}" + (f" worker {settings.worker}" if settings.worker else "")
     out_dir = Path(settings.out_dir or Path("experiments") / "sweeps" / safe_name(name)).resolve()
     result = SweepResult(parent_run_id="", study_name=name, storage=store.description, device=device)
-    with open_run(experiment=experiment_for(cfg["dataset"]["name"]), run_name=title, tags=tags) as parent:
+    with open_run(experiment=experiment_name(), run_name=title, tags=tags) as parent:
         result.parent_run_id = parent.run_id
         # the effective settings ("sweep." keys: `mlflow run` logs its raw parameters unprefixed)
         mlflow.log_params({f"sweep.{k}": v for k, v in {

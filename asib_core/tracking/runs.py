@@ -3,8 +3,8 @@
 A run that fails for any reason ends FAILED with the error as the tag
 ``asib.error`` - never RUNNING; a run stopped by an Optuna pruner (``optuna.TrialPruned``,
 sweeps) ends KILLED with the reason as the tag ``asib.pruned``. Runs started by ``mlflow run``
-are attached through ``MLFLOW_RUN_ID`` (they live in the experiment ``mlflow run`` chose); runs started
-directly go to one experiment per dataset (``MLFLOW_EXPERIMENT_NAME`` overrides).
+are attached through ``MLFLOW_RUN_ID``; runs started directly go to the same experiment ``mlflow run``
+would use (:func:`experiment_name`), so both kinds of run of one project land side by side.
 A run whose process is killed outright (SIGKILL) is closed as KILLED by the next command
 (owners.py); a resumed run logs no metric point twice (:class:`RunHandle`).
 """
@@ -30,8 +30,21 @@ PRUNED_TAG = "asib.pruned"
 MAX_TAG = 5000
 
 
-def experiment_for(dataset: str) -> str:
-    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or dataset
+DEFAULT_EXPERIMENT = "Default"   # MLflow's own default experiment (id 0): where `mlflow run` puts runs
+
+
+def experiment_name() -> str:
+    """The MLflow experiment new runs go to, chosen exactly as ``mlflow run`` chooses it:
+    ``MLFLOW_EXPERIMENT_NAME``, else the experiment of ``MLFLOW_EXPERIMENT_ID``, else MLflow's
+    ``Default`` experiment. (``mlflow run --experiment-name X`` passes X on to every step.)"""
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if name:
+        return name
+    exp_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if exp_id:
+        with contextlib.suppress(MlflowException):
+            return MlflowClient().get_experiment(exp_id).name
+    return DEFAULT_EXPERIMENT
 
 
 def ensure_experiment(name: str) -> str:
