@@ -3,8 +3,9 @@
 Each step is launched with ``mlflow.run`` as a nested run under one parent run. A step
 is **reused** when a FINISHED run with the same identity exists (``asib.identity``
 tag: the config hash plus the values the hash leaves out that change the result,
-and the content hashes of the teacher checkpoints), so a second ``main`` with the same
-experiment trains nothing again. With ``baseline=ce`` the same student is also
+the content hashes of the teacher checkpoints and the version of the code), so a second
+``main`` with the same experiment and code trains nothing again; ``force=true`` runs every
+step again. With ``baseline=ce`` the same student is also
 trained with cross-entropy alone, and the parent run reports both accuracies.
 """
 from __future__ import annotations
@@ -40,7 +41,11 @@ class ChainResult:
     metrics: dict = field(default_factory=dict)
 
 
-def _finished_with_identity(step: str, identity: str):
+def reusable_run(step: str, identity: str, *, force: bool = False):
+    """The newest FINISHED ``step`` run with this identity (config, teacher files and code
+    version), or None: none exists, or ``force`` asks for the step to run again."""
+    if force:
+        return None
     runs = search_finished(f"tags.step = '{step}' and tags.`asib.identity` = '{identity}'")
     return runs[0] if runs else None
 
@@ -67,7 +72,7 @@ def _finetune_overrides(cfg: dict, index: int) -> list[str]:
 
 
 def run_main(exp: str, overrides: list[str], *, env_manager: str = "local", baseline: str = "ce",
-             nproc: int = 1, finetune_overrides: list[str] = ()) -> ChainResult:
+             nproc: int = 1, finetune_overrides: list[str] = (), force: bool = False) -> ChainResult:
     setup_logging()
     configure_tracking()
     os.environ["ASIB_WORKDIR"] = os.getcwd()  # chained steps work where main was started
@@ -82,7 +87,7 @@ def run_main(exp: str, overrides: list[str], *, env_manager: str = "local", base
         exp_id = parent.experiment_id
 
         def step(name: str, entry: str, params: dict, identity: str, step_tag: str, title: str) -> str:
-            found = _finished_with_identity(step_tag, identity)
+            found = reusable_run(step_tag, identity, force=force)
             if found is not None:
                 log.info("reusing %s run %s", name, found.info.run_id)
                 result.reused[name] = True
