@@ -8,6 +8,9 @@ import pytest
 
 os.environ.setdefault("ASIB_NO_PROGRESS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# System metrics are on by default (asib_core/tracking/runs.py); their sampler threads would write
+# to the tests' sqlite stores next to the runs. Off here; tests/test_run_inputs.py checks the default.
+os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 
 
 @pytest.fixture
