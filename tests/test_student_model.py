@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.pipeline_helpers import env_for
+from tests.pipeline_helpers import env_for, use_isolated_store
 
 TINY_FT = ["finetune_epochs=1", "dataset.train_per_class=10"]
 TINY = ["experiment.student_epochs_per_stage=[1]", "experiment.dataset.train_per_class=10",
@@ -25,19 +25,12 @@ SIMKD_NAME = "digits-quickstart-simkd-resnet8"
 def store(tmp_path_factory):
     """Two tiny teachers, a SimKD student (logged as an MLflow model) and a CE student with
     log_model=false; then every teacher checkpoint is destroyed."""
-    import os
-
-    import mlflow
-
     from asib_core.pipeline.distill import run_distill
     from asib_core.pipeline.finetune import run_finetune
 
     work = tmp_path_factory.mktemp("student_model")
-    old_cwd, old_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
-    os.chdir(work)
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        use_isolated_store(mp, work)
         teachers = [run_finetune(t, "digits", TINY_FT) for t in ("resnet20", "wrn_16_2")]
         simkd = run_distill("quickstart", [*TINY, "method=simkd"])
         plain = run_distill("quickstart", [*TINY, "method=ce", "experiment.log_model=false"])
@@ -46,12 +39,6 @@ def store(tmp_path_factory):
             shutil.rmtree(Path(client.get_run(ft.run_id).info.artifact_uri.removeprefix("file://")))
         shutil.rmtree(work / "checkpoints" / "teachers")
         yield {"work": work, "simkd": simkd, "plain": plain}
-    finally:
-        os.chdir(old_cwd)
-        if old_uri is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old_uri
 
 
 def test_distill_logs_and_registers_the_deployable_student(store):
