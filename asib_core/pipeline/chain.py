@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,7 +76,27 @@ def run_main(exp: str, overrides: list[str], *, env_manager: str = "local", base
              nproc: int = 1, finetune_overrides: list[str] = (), force: bool = False) -> ChainResult:
     setup_logging()
     configure_tracking()
-    os.environ["ASIB_WORKDIR"] = os.getcwd()  # chained steps work where main was started
+    # chained steps work where main was started; the caller's environment is left as it was
+    with _environ(ASIB_WORKDIR=os.getcwd()):
+        return _run_chain(exp, overrides, env_manager, baseline, nproc, list(finetune_overrides))
+
+
+@contextmanager
+def _environ(**values: str):
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _run_chain(exp: str, overrides: list[str], env_manager: str, baseline: str, nproc: int,
+               finetune_overrides: list[str]) -> ChainResult:
     resolved = resolve_experiment(exp, overrides)       # refuse a bad config before any work
     cfg = resolved.cfg
     dataset = cfg["dataset"]["name"]
