@@ -67,3 +67,27 @@ def test_main_refuses_a_force_that_is_not_true_or_false(workdir, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["exp=quickstart", "force=yes"])
     assert exc.value.code == 2 and "force='yes' is not allowed" in capsys.readouterr().err
+
+
+def test_main_reuses_finished_steps_of_the_same_identity_in_process(workdir):
+    """The chain's reuse path end to end without launching a step: a FINISHED distill run and its
+    evaluate run with the identities main computes are taken as they are."""
+    from mlflow.tracking import MlflowClient
+
+    from asib_core.config import resolve_experiment
+    from asib_core.pipeline.chain import run_main
+    from asib_core.pipeline.distill import run_identity
+    from asib_core.tracking import configure_tracking
+
+    over = ["method=ce"]   # no teachers: no finetune step
+    configure_tracking()
+    client = MlflowClient()
+    identity = run_identity(resolve_experiment("quickstart", over).cfg, [])
+    distill = client.create_run("0", tags={"step": "distill", "asib.identity": identity}).info.run_id
+    evaluate = client.create_run("0", tags={"step": "evaluate", "asib.identity": f"evaluate-{distill}"}).info.run_id
+    client.log_metric(evaluate, "test/acc", 0.5)
+    for run_id in (distill, evaluate):
+        client.set_terminated(run_id, "FINISHED")
+    result = run_main("quickstart", over, baseline="none")
+    assert result.steps == {"distill": distill, "evaluate_distill": evaluate}
+    assert all(result.reused.values()) and result.metrics == {"distill/test_acc": 0.5}

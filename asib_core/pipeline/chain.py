@@ -78,7 +78,7 @@ def run_main(exp: str, overrides: list[str], *, env_manager: str = "local", base
     configure_tracking()
     # chained steps work where main was started; the caller's environment is left as it was
     with _environ(ASIB_WORKDIR=os.getcwd()):
-        return _run_chain(exp, overrides, env_manager, baseline, nproc, list(finetune_overrides))
+        return _run_chain(exp, overrides, env_manager, baseline, nproc, list(finetune_overrides), force)
 
 
 @contextmanager
@@ -96,7 +96,7 @@ def _environ(**values: str):
 
 
 def _run_chain(exp: str, overrides: list[str], env_manager: str, baseline: str, nproc: int,
-               finetune_overrides: list[str]) -> ChainResult:
+               finetune_overrides: list[str], force: bool) -> ChainResult:
     resolved = resolve_experiment(exp, overrides)       # refuse a bad config before any work
     cfg = resolved.cfg
     dataset = cfg["dataset"]["name"]
