@@ -223,10 +223,10 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
             "max_retry": settings.max_retry,
             "overrides": " ".join(settings.overrides)[:6000], "worker": int(settings.worker)}.items()},
             run_id=parent.run_id)
-        experiment_name = MlflowClient().get_experiment(parent.experiment_id).name
+        parent_experiment = MlflowClient().get_experiment(parent.experiment_id).name
         state_root = Path(cfg.get("checkpoint_dir") or "checkpoints/runs") / f"sweep-{safe_name(name)}"
         trials = TrialRunner(settings, space, study, store, parent.run_id, device_overrides, state_root, identity)
-        with trial_environment(experiment_name):
+        with trial_environment(parent_experiment):
             while True:
                 trial = st.ask_next(study, store, int(settings.n_trials), identity,
                                     make_sampler=lambda seed: st.build_sampler(space, seed),
