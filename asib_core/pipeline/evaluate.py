@@ -1,9 +1,13 @@
 """The evaluation step: a finished distill (or finetune) run's model on the TEST split.
 
-Reports top-1, top-5, NLL, ECE, per-class accuracy (CSV), confusion matrix (PNG),
-agreement with each teacher, parameter count, FLOPs and inference images/s, in its
-own run tagged with the source run id; the headline numbers are also copied onto the
-source run (``eval/...``).
+A distill run is evaluated through its MLflow model (``runs:/<id>/model``; any model URI such as
+``models:/<name>/<version>`` is accepted too), so no teacher checkpoint is needed; a run logged
+with ``log_model: false`` is rebuilt from ``model/student.pt`` and its teachers, a finetune run
+from its checkpoint. Reports ``test/acc`` (the name distill and finetune runs use), top-5, NLL,
+ECE, per-class accuracy (CSV), one prediction per test image (``predictions.csv``), confusion
+matrix (PNG), agreement with each teacher (when the teachers can still be found), parameter
+count of the deployed network, FLOPs and inference images/s, in its own run tagged with the
+source run id; the headline numbers are also copied onto the source run (``eval/...``).
 """
 from __future__ import annotations
 
