@@ -143,10 +143,8 @@ class ASIB(Distiller):
         if first >= 0 and not (self.cfg.get("model", {}).get("student", {}) or {}).get("pretrained"):
             log.warning("ASIB: PPF freezes the student at level %d from the first stage, but the student is "
                         "trained from scratch (pretrained: false): its frozen layers keep their random "
-                        "initialisation for that stage. (In the seed, method/asib.yaml sets "
-                        "use_partial_freeze: true, student_freeze_level: 1 for every experiment that leaves "
-                        "them unset, e.g. L0-L3.) Set experiment.use_partial_freeze=false, or a schedule that "
-                        "starts at -1 as L4 does, to train the whole student.", first)
+                        "initialisation for that stage. Set experiment.use_partial_freeze=false, or a "
+                        "schedule that starts at -1 as L4 does, to train the whole student.", first)
         if s.adapt_epochs > 0 and not s.synergy_consumed:
             log.warning("ASIB: the A-step trains the synergy, but the B-step never uses it (kd_target=%s, "
                         "feat_kd_alpha=0): the A-step (IB, CCCP) cannot change the student in this run.",
