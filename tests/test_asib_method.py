@@ -88,20 +88,19 @@ def test_ib_mbm_logvar_clip_min_std_and_feature_norm():
 def test_window_beta_and_ramp_schedules_of_the_seed_ladder():
     l2 = ASIBSettings.from_cfg(asib_cfg("L2_cccp"))
     assert (l2.adapt_epochs, l2.synergy_only_epochs, l2.window) == (6, 6, 5)
-    # L2 takes teacher_adapt_kd_warmup 4 from the method file: one post-window epoch per stage
-    assert [l2.cccp_ramp(0, e) for e in range(6)] == [0, 0, 0, 0, 0, 0.25]
-    assert [l2.cccp_ramp(s, 5) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    # the CCCP ramp has its own key (cccp_ramp_epochs, default 2): one post-window epoch per stage
+    assert [l2.cccp_ramp(0, e) for e in range(6)] == [0, 0, 0, 0, 0, 0.5]
+    assert [l2.cccp_ramp(s, 5) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
     l3 = ASIBSettings.from_cfg(asib_cfg("L3_ib_cccp_tadapt"))
-    assert l3.window == 2 and l3.kl_epochs_per_stage == 4 and l3.cccp_warmup == 6
-    assert [l3.cccp_ramp(0, e) for e in range(6)] == pytest.approx([0, 0, 1 / 6, 2 / 6, 3 / 6, 4 / 6])
-    assert [l3.cccp_ramp(1, e) for e in range(2, 6)] == pytest.approx([5 / 6, 1, 1, 1])
+    assert l3.window == 2 and l3.kl_epochs_per_stage == 4 and l3.cccp_ramp_epochs == 2
+    assert [l3.cccp_ramp(0, e) for e in range(6)] == pytest.approx([0, 0, 1 / 2, 1, 1, 1])
     # beta: ib_beta 5e-5, warm-up 4 KL-epochs counted over the run, KL in epochs 2..5
     assert [l3.beta(0, e) for e in range(6)] == pytest.approx([0, 0, 1.25e-5, 2.5e-5, 3.75e-5, 5e-5])
     assert l3.beta(1, 2) == pytest.approx(5e-5)
     assert ASIBSettings.from_cfg(asib_cfg("L1_ib")).cccp_on is False
     sota = ASIBSettings.from_cfg(asib_cfg("sota_generic"))
     assert sota.kd_target == "auto" and sota.kl_epochs_per_stage == 0 and not sota.use_partial_freeze
-    assert sota.ens_alpha(0, 240) == pytest.approx(0.25) and sota.ens_alpha(239, 240) == pytest.approx(0.8)
+    assert sota.ens_alpha(0, 240) == 0.0 and sota.ens_alpha(239, 240) == 0.0   # base: kd_ens_alpha 0
 
 
 @pytest.mark.parametrize("changes, needle", [
@@ -168,8 +167,8 @@ def test_cccp_is_zero_in_the_window_and_nonzero_after_it_in_an_L2_a_step(tmp_pat
     cccp = [h["a_step/cccp"] for h in a_steps]
     assert cccp[:5] == [0.0] * 5 and cccp[5] > 0
     assert all(h["a_step/cccp_raw"] > 0 for h in a_steps)          # the distance itself is never 0
-    # cccp_alpha 0.2 times the ramp 1/4 (teacher_adapt_kd_warmup 4, first post-window epoch)
-    assert cccp[5] == pytest.approx(0.2 * 0.25 * a_steps[5]["a_step/cccp_raw"], rel=1e-6)
+    # cccp_alpha 0.2 times the ramp 1/2 (cccp_ramp_epochs 2, first post-window epoch)
+    assert cccp[5] == pytest.approx(0.2 * 0.5 * a_steps[5]["a_step/cccp_raw"], rel=1e-6)
     assert a_steps[5]["a_step/loss"] == pytest.approx(a_steps[5]["a_step/syn_ce"] + cccp[5], rel=1e-6)
     assert "a_step/ib_kl" not in a_steps[5]                        # L2: use_ib false
 

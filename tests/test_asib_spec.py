@@ -3,10 +3,27 @@ mechanism's spec meaning on fixed tensors, a composed seed config, or a tiny in-
 digits run."""
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import pytest
+import torch
 
 from asib_core.config.effective import build_effective
+from asib_core.config.errors import ConfigError
 from asib_core.config.finalize import finalize_config
+from asib_core.config.resolve import resolve_experiment
+from asib_core.contract import Batch, TrainContext
+from asib_core.methods.asib import ASIBSettings
+from tests.asib_helpers import asib_cfg, make_run, tiny_data
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def effective(exp, overrides=()):
@@ -32,3 +49,67 @@ def test_method_file_fills_only_keys_neither_base_nor_experiment_sets():
     # an override still wins over base and method
     assert effective("sota_generic", ["experiment.kd_ens_alpha=0.3"])["kd_ens_alpha"] == 0.3
     assert effective("overlap_100")["student_lr"] == 0.05     # base's, not the method file's 0.1
+
+
+# -- 2. teacher_adapt_kd_warmup, the CCCP ramp, the opt-in ensemble-share ramp -----------------
+def test_teacher_adapt_kd_warmup_is_the_number_of_mixed_b_step_epochs_per_stage():
+    l1 = ASIBSettings.from_cfg(asib_cfg("L1_ib"))     # kd_ens_alpha 0.5, teacher_adapt_kd_warmup 6
+    assert [l1.ens_alpha(e, 20) for e in range(8)] == [0.5] * 6 + [0.0, 0.0]
+    assert l1.ens_alpha(19, 20) == 0.0               # no rise toward kd_ens_alpha_max by default
+    ramp = ASIBSettings.from_cfg(asib_cfg("L1_ib", ["experiment.kd_ens_alpha_ramp=true",
+                                                    "experiment.teacher_adapt_kd_warmup=0"]))
+    assert [ramp.ens_alpha(e, 11) for e in (0, 5, 10)] == pytest.approx([0.5, 0.65, 0.8])
+
+
+def test_the_cccp_ramp_reads_its_own_key():
+    cfg = asib_cfg("L3_ib_cccp_tadapt", ["experiment.cccp_ramp_epochs=4"])   # window 2, 4 CCCP epochs
+    assert cfg["teacher_adapt_kd_warmup"] == 6
+    s = ASIBSettings.from_cfg(cfg)
+    assert [s.cccp_ramp(0, e) for e in range(6)] == pytest.approx([0, 0, 0.25, 0.5, 0.75, 1.0])
+    s = ASIBSettings.from_cfg(asib_cfg("L3_ib_cccp_tadapt", ["experiment.cccp_ramp_epochs=0"]))
+    assert [s.cccp_ramp(0, e) for e in range(6)] == [0, 0, 1, 1, 1, 1]
+
+
+def test_the_share_ramp_refuses_a_mixing_epoch_count_it_would_ignore():
+    with pytest.raises(ConfigError, match="kd_ens_alpha_ramp=True with teacher_adapt_kd_warmup=6"):
+        resolve_experiment("L1_ib", ["experiment.kd_ens_alpha_ramp=true"])
+
+
+def _open_gate_run(tmp_path, exp="L1_ib", overrides=()):
+    cfg = asib_cfg(exp, ["experiment.dataset.batch_size=16", *overrides])
+    run, d = make_run(cfg, tiny_data(cfg, per_class=2, val_split=0.02), None, tmp_path)
+    d.gate.syn_acc, d.gate.trained = 0.95, True
+    d.train()
+    x, y, idx = next(iter(run.train_loader))
+    return run, d, Batch(x=x, y=y, idx=idx, y_b=y, lam=1.0)
+
+
+def _ctx(epoch_in_stage):
+    return TrainContext(epoch=epoch_in_stage, stage=0, epoch_in_stage=epoch_in_stage, total_epochs=20,
+                        tau=4.0, kd_ramp=1.0, device=torch.device("cpu"))
+
+
+def test_forward_train_mixes_the_ensemble_only_in_the_first_epochs_of_a_stage(tmp_path):
+    run, d, batch = _open_gate_run(tmp_path)
+    stats, kd = {}, {}
+    for e in (0, 5, 6, 12):
+        d.pop_epoch_metrics()
+        _, losses = d.forward_train(batch, _ctx(e))
+        stats[e], kd[e] = d.pop_epoch_metrics(), float(losses["kd"].detach())
+    assert [stats[e]["kd/ens_alpha"] for e in (0, 5, 6, 12)] == [0.5, 0.5, 0.0, 0.0]
+    assert kd[0] == pytest.approx(kd[5], rel=1e-6) and kd[6] == pytest.approx(kd[12], rel=1e-6)
+    assert kd[0] != pytest.approx(kd[6], rel=1e-4)
+    # after the mixing epochs the target is the pure synergy: the same as kd_ens_alpha 0 from the start
+    settings = d.settings
+    d.settings = dataclasses.replace(settings, kd_ens_alpha=0.0)
+    try:
+        _, losses = d.forward_train(batch, _ctx(0))
+    finally:
+        d.settings = settings
+    assert float(losses["kd"].detach()) == pytest.approx(kd[6], rel=1e-6)
+
+
+def test_a_kd_ens_alpha_max_without_the_ramp_is_warned_about(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="asib_core.methods.asib.distiller"):
+        _open_gate_run(tmp_path)
+    assert any("kd_ens_alpha_max=0.8 has no effect" in r.getMessage() for r in caplog.records)

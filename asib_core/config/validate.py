@@ -231,6 +231,16 @@ def _ensemble_share(cfg: dict) -> list[str]:
     return []
 
 
+@rule("run", "kd_ens_alpha_ramp")
+def _ensemble_ramp(cfg: dict) -> list[str]:
+    epochs = cfg.get("teacher_adapt_kd_warmup")
+    if cfg.get("kd_ens_alpha_ramp") is True and _finite(epochs) and epochs > 0:
+        return [f"kd_ens_alpha_ramp=True with teacher_adapt_kd_warmup={show(epochs)}: the ramp sets the "
+                "ensemble share of every B-step epoch, so the mixing-epoch count would do nothing; set "
+                "teacher_adapt_kd_warmup=0 or kd_ens_alpha_ramp=false"]
+    return []
+
+
 @rule(SECTIONS, "device")
 def _device(cfg: dict) -> list[str]:
     device = cfg.get("device")

@@ -18,8 +18,9 @@ Teachers, the IB query and the student all see the same (Mixup/CutMix-mixed) bat
   is not worse than the ensemble's; only while the gate is open):
   ``tau_s^2 KL(q_syn || p^tau_s) + hybrid_beta * tau^2 KL(q_ens || p^tau)`` with
   ``q_syn = (1 - a) softmax(synergy_logit_scale * head(mu) / tau_s) + a q_ens^tau_s``,
-  ``tau_s = tau_syn`` (or tau), ``a`` the ensemble share (``kd_ens_alpha`` ramping to
-  ``kd_ens_alpha_max`` over the stage's B-step epochs), ``head(z)`` with a sampled ``z``
+  ``tau_s = tau_syn`` (or tau), ``a`` the ensemble share (``kd_ens_alpha`` in the first
+  ``teacher_adapt_kd_warmup`` B-step epochs of the stage, then 0; opt-in ``kd_ens_alpha_ramp``:
+  rising to ``kd_ens_alpha_max`` over the stage), ``head(z)`` with a sampled ``z``
   instead of ``mu`` when ``use_mu_for_kd: false``.
 
 ``w_b`` = IB certainty weight (``use_ib`` and the synergy teaching: ``clamp(m_b / mean m,
@@ -153,6 +154,14 @@ class ASIB(Distiller):
             log.warning("ASIB: teacher_adapt_epochs=0, so the synergy is never trained and its gate stays "
                         "closed: kd_target=%s teaches with the weighted_conf ensemble and feature KD is off "
                         "for the whole run.", s.kd_target)
+        if not s.kd_ens_alpha_ramp and s.kd_ens_alpha_max is not None and s.kd_ens_alpha_max != s.kd_ens_alpha:
+            log.warning("ASIB: kd_ens_alpha_max=%g has no effect: the ensemble share only rises toward it with "
+                        "kd_ens_alpha_ramp=true (off by default); the share is kd_ens_alpha=%g in the first "
+                        "teacher_adapt_kd_warmup=%d B-step epochs of each stage, then 0.", s.kd_ens_alpha_max,
+                        s.kd_ens_alpha, s.kd_ens_epochs)
+        if not s.kd_ens_alpha_ramp and s.kd_ens_alpha > 0 and s.kd_ens_epochs == 0:
+            log.warning("ASIB: kd_ens_alpha=%g has no effect: teacher_adapt_kd_warmup=0 mixes the ensemble "
+                        "into the synergy target in no B-step epoch.", s.kd_ens_alpha)
         if s.use_ib and s.adapt_epochs > 0 and s.ib_beta > 0 and s.kl_epochs_per_stage == 0:
             log.warning("ASIB: use_ib=true and ib_beta=%g but ib_epochs_per_stage=%d: the IB KL term never "
                         "switches on (the latent is still sampled in the A-step).", s.ib_beta,

@@ -84,7 +84,7 @@ class ASIBSettings:
     # -- CCCP -----------------------------------------------------------------
     cccp_on: bool
     cccp_alpha: float
-    cccp_warmup: int          # teacher_adapt_kd_warmup
+    cccp_ramp_epochs: int     # cccp_ramp_epochs
     tau_a: float              # fixed `tau` of the A-step (CCCP)
     # -- B-step ---------------------------------------------------------------
     ce_label_smoothing: float
@@ -92,6 +92,8 @@ class ASIBSettings:
     gate_threshold: float
     kd_ens_alpha: float
     kd_ens_alpha_max: float | None
+    kd_ens_epochs: int        # teacher_adapt_kd_warmup: B-step epochs per stage with the ensemble mixed in
+    kd_ens_alpha_ramp: bool
     hybrid_beta: float
     tau_syn: float | None
     synergy_logit_scale: float
@@ -150,20 +152,26 @@ class ASIBSettings:
     def cccp_ramp(self, stage: int, epoch: int) -> float:
         """CCCP weight factor in A-step epoch ``epoch`` of stage ``stage``: 0 inside the window,
         then a linear warm-up over the post-window A-step epochs counted over the whole run,
-        ``min(1, (n + 1) / teacher_adapt_kd_warmup)`` with ``n = stage * (E - W) + epoch - W``
-        (1 when ``teacher_adapt_kd_warmup`` is 0)."""
+        ``min(1, (n + 1) / cccp_ramp_epochs)`` with ``n = stage * (E - W) + epoch - W``
+        (1 when ``cccp_ramp_epochs`` is 0)."""
         if not self.cccp_on or epoch < self.window:
             return 0.0
-        if self.cccp_warmup <= 0:
+        if self.cccp_ramp_epochs <= 0:
             return 1.0
         n = stage * (self.adapt_epochs - self.window) + (epoch - self.window)
-        return min(1.0, (n + 1) / self.cccp_warmup)
+        return min(1.0, (n + 1) / self.cccp_ramp_epochs)
 
     def ens_alpha(self, epoch_in_stage: int, stage_epochs: int) -> float:
-        """Ensemble share of the synergy target in B-step epoch ``epoch_in_stage`` of a
-        stage with ``stage_epochs`` epochs: linear from ``kd_ens_alpha`` (first epoch) to
-        ``kd_ens_alpha_max`` (last epoch); constant ``kd_ens_alpha`` when the max is null."""
+        """Ensemble share of the synergy target in B-step epoch ``epoch_in_stage`` (0-based)
+        of a stage with ``stage_epochs`` epochs.
+
+        Spec 3.6.3: ``kd_ens_alpha`` in the first ``teacher_adapt_kd_warmup`` epochs of each
+        stage, 0 (pure synergy) after them. Opt-in ``kd_ens_alpha_ramp: true`` instead: linear
+        from ``kd_ens_alpha`` (first epoch) to ``kd_ens_alpha_max`` (last epoch) of every stage.
+        """
         start = self.kd_ens_alpha
+        if not self.kd_ens_alpha_ramp:
+            return start if epoch_in_stage < self.kd_ens_epochs else 0.0
         end = start if self.kd_ens_alpha_max is None else self.kd_ens_alpha_max
         if stage_epochs <= 1:
             return start
@@ -314,13 +322,15 @@ class ASIBSettings:
             synergy_head_dropout=_float(cfg, "synergy_head_dropout", 0.0) or 0.0,
             cccp_on=use_cccp and in_a,
             cccp_alpha=_float(cfg, "cccp_alpha", 0.2),
-            cccp_warmup=_int(cfg, "teacher_adapt_kd_warmup", 0),
+            cccp_ramp_epochs=_int(cfg, "cccp_ramp_epochs", 2),
             tau_a=tau_a,
             ce_label_smoothing=_float(cfg, "ce_label_smoothing", 0.0) or 0.0,
             kd_target=kd_target,
             gate_threshold=threshold,
             kd_ens_alpha=ens,
             kd_ens_alpha_max=ens_max,
+            kd_ens_epochs=_int(cfg, "teacher_adapt_kd_warmup", 0),
+            kd_ens_alpha_ramp=_bool(cfg, "kd_ens_alpha_ramp", False),
             hybrid_beta=_float(cfg, "hybrid_beta", 0.0) or 0.0,
             tau_syn=tau_syn,
             synergy_logit_scale=scale,
@@ -339,8 +349,9 @@ class ASIBSettings:
         )
         for key in ("synergy_ce_alpha", "a_step_lr", "ib_mbm_lr_factor", "cccp_alpha", "ib_beta",
                     "hybrid_beta", "feat_kd_alpha", "ib_mbm_reg_lambda", "label_smoothing",
-                    "ib_beta_warmup_epochs", "ib_epochs_per_stage", "teacher_adapt_kd_warmup"):
-            name = "cccp_warmup" if key == "teacher_adapt_kd_warmup" else key
+                    "ib_beta_warmup_epochs", "ib_epochs_per_stage", "teacher_adapt_kd_warmup",
+                    "cccp_ramp_epochs"):
+            name = {"teacher_adapt_kd_warmup": "kd_ens_epochs"}.get(key, key)
             value = values[name]
             if value is None or (isinstance(value, float) and math.isnan(value)) or value < 0:
                 raise ConfigError(f"{key}={value!r} must be a number >= 0.")
