@@ -291,7 +291,7 @@ def _hand_kd(d, batch, tau, ens_alpha, gate_open, auto=False):
         probs_s = [F.softmax(o["logit"] / tau_s, 1) for o in touts]
         q_ens_s = w[:, :1] * probs_s[0] + w[:, 1:] * probs_s[1]
         q_syn = (1 - ens_alpha) * F.softmax(s.synergy_logit_scale * z / tau_s, 1) + ens_alpha * q_ens_s
-        k_syn = soft_target_kd_loss(out["logit"], q_syn, tau_s, reduction="none") + s.hybrid_beta * k_ens
+        k_syn = soft_target_kd_loss(out["logit"], q_syn, tau_s, reduction="none")   # hybrid: own term
         m = torch.exp(-2 * torch.log(ib.std)).mean(1)
         cw = (m / m.mean()).clamp(s.min_cw, s.max_cw)
         choose = torch.ones_like(k_syn, dtype=torch.bool)
@@ -406,7 +406,7 @@ def test_a_step_and_b_step_losses_stay_float32_under_bfloat16_autocast(tmp_path)
                        device=torch.device("cpu"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, b_losses = d.forward_train(batch, ctx)
-    assert set(a_losses) == {"syn_ce", "ib_kl", "cccp"} and set(b_losses) == {"ce", "kd", "feat_kd"}
+    assert set(a_losses) == {"syn_ce", "ib_kl", "cccp"} and set(b_losses) == {"ce", "kd", "feat_kd", "hybrid"}
     for value in [*a_losses.values(), *b_losses.values()]:
         assert value.dtype == torch.float32 and torch.isfinite(value.detach())
     sum(b_losses.values()).backward()
@@ -473,8 +473,8 @@ def test_a_scratch_student_frozen_by_ppf_from_the_first_stage_is_warned_about(ca
             build_distiller(cfg, build_student(cfg, 10), teachers)
         return [r.getMessage() for r in caplog.records if "trained from scratch" in r.getMessage()]
 
-    l0 = asib_cfg("L0_baseline")                       # the method file's use_partial_freeze / level 1
-    assert l0["use_partial_freeze"] is True and l0["student_freeze_level"] == 1
-    assert len(build(l0)) == 1
-    assert build(asib_cfg("L0_baseline", ["experiment.use_partial_freeze=false"])) == []
+    side = asib_cfg("side_cccp_ppf")                   # level 1 in every stage, scratch student
+    assert side["use_partial_freeze"] is True and side["student_freeze_level"] == 1
+    assert len(build(side)) == 1
+    assert build(asib_cfg("L0_baseline")) == []        # base's use_partial_freeze: false (issue 13)
     assert build(asib_cfg("L4_full")) == []           # its schedule starts at -1

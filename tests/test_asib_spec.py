@@ -8,12 +8,14 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from asib_core.config.effective import build_effective
 from asib_core.config.errors import ConfigError
 from asib_core.config.finalize import finalize_config
 from asib_core.config.resolve import resolve_experiment
 from asib_core.contract import Batch, TrainContext
+from asib_core.engine.schedules import kd_cap
 from asib_core.methods.asib import ASIBSettings
 from tests.asib_helpers import asib_cfg, make_run, tiny_data
 
@@ -113,3 +115,59 @@ def test_a_kd_ens_alpha_max_without_the_ramp_is_warned_about(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="asib_core.methods.asib.distiller"):
         _open_gate_run(tmp_path)
     assert any("kd_ens_alpha_max=0.8 has no effect" in r.getMessage() for r in caplog.records)
+
+
+# -- 3. hybrid_beta acts whenever it is set ------------------------------------------------------
+def _hand_kd(student_logits, q, tau):
+    logp = F.log_softmax(student_logits.double() / tau, 1)
+    return float((tau ** 2 * (q.double() * (q.double().log() - logp)).sum(1)).mean())
+
+
+def test_hybrid_beta_adds_kd_toward_the_avg_ensemble_with_the_gate_closed(tmp_path):
+    cfg = asib_cfg("L0_baseline", ["experiment.dataset.batch_size=16"])
+    assert cfg["hybrid_beta"] == 0.05 and cfg["kd_target"] == "avg" and cfg["teacher_weights"] == [0.7, 0.3]
+    run, d = make_run(cfg, tiny_data(cfg, per_class=2, val_split=0.02), None, tmp_path)
+    d.train()
+    x, y, idx = next(iter(run.train_loader))
+    batch = Batch(x=x, y=y, idx=idx, y_b=y, lam=1.0)
+    _, losses = d.forward_train(batch, _ctx(0))
+    with torch.no_grad():
+        s_logits = d.student(x)["logit"]                      # train mode, as in forward_train
+        q = sum(w * F.softmax(t(x)["logit"].double() / 4.0, 1) for w, t in zip((0.7, 0.3), d.teachers))
+    assert float(losses["hybrid"].detach()) == pytest.approx(0.05 * _hand_kd(s_logits, q, 4.0), rel=1e-4)
+    assert (d.ce_alpha, d.kd_alpha) == (0.65, 0.35)           # 0.65 + 0.05 <= 1: no rescale
+
+
+def test_hybrid_beta_rescales_ce_and_kd_when_the_weights_would_exceed_one(tmp_path):
+    cfg = asib_cfg("L0_baseline", ["experiment.hybrid_beta=0.5"])
+    _, d = make_run(cfg, tiny_data(cfg, per_class=2, val_split=0.02), None, tmp_path)
+    assert (d.ce_alpha, d.kd_alpha) == pytest.approx((0.65 * 0.5, 0.35 * 0.5))
+
+
+def test_baselines_run_without_the_hybrid_term():
+    assert effective("sota_generic", ["method=vanilla_kd"])["hybrid_beta"] == 0.0
+    assert effective("sota_generic")["hybrid_beta"] == 0.05
+
+
+# -- 4. the KD cap compares the raw terms (spec 3.6.7) -------------------------------------------
+def test_kd_cap_compares_raw_kd_with_raw_ce():
+    ce_raw, kd_raw = torch.tensor(1.0), torch.tensor(3.0, requires_grad=True)
+    losses = {"ce": 0.5 * ce_raw, "kd": 0.2 * kd_raw}
+    cfg = {"kd_max_ratio": 1.25, "kd_warmup_epochs": 3}
+    capped, factor = kd_cap(losses, cfg, epoch=3, weights=(0.5, 0.2))
+    # raw: 1.25 * 1.0 / 3.0 = 0.41667 (the weighted terms, 0.5 vs 0.6, would not cap at all)
+    assert factor == pytest.approx(1.25 / 3.0)
+    assert float(capped["kd"].detach()) == pytest.approx(0.2 * 3.0 * 1.25 / 3.0)
+    capped["kd"].backward()
+    assert float(kd_raw.grad) == pytest.approx(0.2 * 1.25 / 3.0)       # the factor is a constant
+    assert float(capped["ce"]) == 0.5
+    # within the KD warm-up, and with a KD below the cap, nothing changes
+    assert kd_cap(losses, cfg, epoch=2, weights=(0.5, 0.2))[1] == 1.0
+    assert kd_cap({"ce": 0.5 * ce_raw, "kd": 0.2 * torch.tensor(1.0)}, cfg, 5, (0.5, 0.2))[1] == 1.0
+    # the weights are those applied: kd_alpha * kd_ramp (half-way through a ramp the raw KD is 6)
+    assert kd_cap(losses, cfg, epoch=3, weights=(0.5, 0.1))[1] == pytest.approx(1.25 / 6.0)
+
+
+def test_kd_cap_without_a_ce_term_is_refused():
+    with pytest.raises(ConfigError, match="kd_max_ratio=1.25 with ce_alpha=0"):
+        resolve_experiment("L0_baseline", ["experiment.ce_alpha=0.0"])

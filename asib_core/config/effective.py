@@ -11,7 +11,8 @@ Steps, in order:
    base sets, experiment > method otherwise;
 4. merge the anchor (``anchor=fair_baseline``) over the result, remembering the
    pre-merge values of the protected keys;
-5. method policy: non-ASIB methods run with IB, A-step, CCCP and feature KD off;
+5. method policy: non-ASIB methods run with IB, A-step, CCCP, feature KD and the hybrid
+   ensemble term off;
    ``force_ppf_off`` switches partial freezing off;
 6. ``strict_mode``: ``ce_alpha + kd_alpha == 1`` or refuse (``auto_renorm`` rescales);
 7. numeric casting of strings.
@@ -188,6 +189,7 @@ def apply_method_policy(cfg: dict) -> None:
         cfg["teacher_adapt_epochs"] = 0
         cfg["use_cccp"] = False
         cfg["feat_kd_alpha"] = 0.0
+        cfg["hybrid_beta"] = 0.0
     if cfg.get("force_ppf_off"):
         cfg["use_partial_freeze"] = False
 

@@ -9,6 +9,10 @@ Then the engine runs the stage's B-step epochs through :meth:`forward_train`:
     L = ce_alpha * CE_ls(s, y)
       + kd_alpha * kd_ramp * c * mean_b w_b * k_b                       (logit KD)
       + feat_kd_alpha * mean_b cw_b * d(f_b, mu_b)                     (feature KD, gate open)
+      + hybrid_beta * mean_b tau^2 KL(q_avg || p^tau)                  (spec 3.6.9, always)
+
+``q_avg`` is the ``avg`` ensemble (``teacher_weights``); when ``ce_alpha + hybrid_beta > 1``
+both ``ce_alpha`` and ``kd_alpha`` are multiplied by ``1 - hybrid_beta`` (spec 3.6.9).
 
 Teachers, the IB query and the student all see the same (Mixup/CutMix-mixed) batch.
 ``k_b`` is the per-sample KD value toward the sample's target (targets.py):
@@ -16,7 +20,7 @@ Teachers, the IB query and the student all see the same (Mixup/CutMix-mixed) bat
 * ensemble-taught samples: ``tau^2 KL(q_ens || p^tau)``;
 * synergy-taught samples (``synergy``: all samples, ``auto``: those whose synergy label-CE
   is not worse than the ensemble's; only while the gate is open):
-  ``tau_s^2 KL(q_syn || p^tau_s) + hybrid_beta * tau^2 KL(q_ens || p^tau)`` with
+  ``tau_s^2 KL(q_syn || p^tau_s)`` with
   ``q_syn = (1 - a) softmax(synergy_logit_scale * head(mu) / tau_s) + a q_ens^tau_s``,
   ``tau_s = tau_syn`` (or tau), ``a`` the ensemble share (``kd_ens_alpha`` in the first
   ``teacher_adapt_kd_warmup`` B-step epochs of the stage, then 0; opt-in ``kd_ens_alpha_ramp``:
@@ -78,6 +82,10 @@ class ASIB(Distiller):
         self.stage_epochs = [int(e) for e in cfg.get("student_epochs_per_stage") or [1]]
         self.num_classes = int(student.num_classes)
         self.gate = GateState(threshold=s.gate_threshold)
+        if s.hybrid_beta > 0 and self.ce_alpha + s.hybrid_beta > 1.0:
+            # spec 3.6.9: the hybrid ensemble term takes its share from CE and KD
+            self.ce_alpha *= 1.0 - s.hybrid_beta
+            self.kd_alpha *= 1.0 - s.hybrid_beta
         self._ppf_stage = -1
         self._frozen_bn: list[nn.Module] = []
         #: the teachers' validation features, kept while their backbones cannot change
@@ -259,14 +267,16 @@ class ASIB(Distiller):
         gate_open = self.ib_mbm is not None and self.gate.open
         syn_teaches = gate_open and s.uses_synergy_target and kd_w > 0
         feat_on = gate_open and s.feat_kd_alpha > 0
+        hybrid_on = s.hybrid_beta > 0
         stats = {"gate/open": float(gate_open), "kd/tau": ctx.tau, "kd/syn_ratio": 0.0}
         if self.gate.syn_acc == self.gate.syn_acc:
             stats["gate/syn_acc"] = self.gate.syn_acc
-        if kd_w <= 0 and not feat_on:
+        if kd_w <= 0 and not feat_on and not hybrid_on:
             self.record(**stats)
             return logits, losses
 
-        need_all = syn_teaches or feat_on or s.kd_target != "teacher" or s.use_overlap_sampling
+        need_all = (syn_teaches or feat_on or hybrid_on or s.kd_target != "teacher"
+                    or s.use_overlap_sampling)
         with torch.no_grad():
             if need_all:
                 touts = [t(batch.x) for t in self.teachers]
@@ -303,8 +313,6 @@ class ASIB(Distiller):
                     q_ens_s = ensemble_target(ens_mode, self.cfg, tlogits, tau_s, mask)[0]
                 q_syn = synergy_target(z_syn, s.synergy_logit_scale, tau_s, q_ens_s, a)
                 k_syn = kd_vector(logits, q_syn, tau_s)
-                if s.hybrid_beta > 0:
-                    k_syn = k_syn + s.hybrid_beta * k_vec
                 if s.kd_target == "auto":
                     q_ens_1 = ensemble_target(ens_mode, self.cfg, tlogits, 1.0, mask)[0]
                     choose = auto_choice(z_syn, q_ens_1, batch)
@@ -320,6 +328,13 @@ class ASIB(Distiller):
             stats["kd/raw"] = float(kd_raw.detach())
             if mask is not None:
                 stats["kd/overlap_teachers_per_sample"] = float(mask.float().sum(1).mean())
+
+        if hybrid_on:
+            tlogits = [o["logit"] for o in touts]
+            q_avg, valid = ensemble_target("avg", self.cfg, tlogits, ctx.tau, mask)
+            hybrid_raw = (valid * kd_vector(logits, q_avg, ctx.tau)).mean()
+            losses["hybrid"] = s.hybrid_beta * hybrid_raw
+            stats["hybrid/raw"] = float(hybrid_raw.detach())
 
         if feat_on:
             f_vec = feature_kd_loss(out[s.feat_kd_key], ib.mu, clip=s.feat_kd_clip,
