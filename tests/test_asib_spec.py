@@ -17,6 +17,7 @@ from asib_core.config.resolve import resolve_experiment
 from asib_core.contract import Batch, TrainContext
 from asib_core.engine.schedules import kd_cap
 from asib_core.methods.asib import ASIBSettings
+from asib_core.methods.asib.targets import feature_kd_term
 from tests.asib_helpers import asib_cfg, make_run, tiny_data
 
 
@@ -171,3 +172,23 @@ def test_kd_cap_compares_raw_kd_with_raw_ce():
 def test_kd_cap_without_a_ce_term_is_refused():
     with pytest.raises(ConfigError, match="kd_max_ratio=1.25 with ce_alpha=0"):
         resolve_experiment("L0_baseline", ["experiment.ce_alpha=0.0"])
+
+
+# -- 5. feature KD at the spec's scale (sum over dimensions) -------------------------------------
+def test_feature_kd_value_and_gradient_are_the_sum_over_dimensions():
+    f = torch.tensor([[1.0, 2.0, 0.0, -1.0], [0.5, 0.5, 0.5, 0.5]], requires_grad=True)
+    mu = torch.tensor([[0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    w = torch.tensor([1.0, 0.5])
+    term, raw = feature_kd_term(f, mu, w, alpha=0.25, clip=None, huber_beta=None)
+    # per-sample sums of squares: 1 + 1 + 1 + 4 = 7 and 4 * 0.25 = 1; weighted batch mean (7 + 0.5) / 2
+    assert float(raw.detach()) == pytest.approx(3.75)
+    assert float(term.detach()) == pytest.approx(0.25 * 3.75)
+    term.backward()
+    diff = (f - mu).detach()
+    assert torch.allclose(f.grad, 0.25 * 2 * diff * w[:, None] / 2)
+    assert mu.grad is None                                 # the IB mu is a detached target
+    # Huber (beta 1) per element, the clip caps the per-dimension mean (the sum at clip * D)
+    _, raw = feature_kd_term(f.detach(), mu.detach(), None, alpha=1.0, clip=0.5, huber_beta=1.0)
+    # sample 1: elements 0.5, 0.5, 0.5, |-2| - 0.5 = 1.5 -> mean 0.75, capped at 0.5 -> 2.0;
+    # sample 2: 0.125 each -> mean 0.125 -> 0.5; batch mean 1.25
+    assert float(raw) == pytest.approx(1.25)

@@ -30,9 +30,9 @@ Teachers, the IB query and the student all see the same (Mixup/CutMix-mixed) bat
 ``w_b`` = IB certainty weight (``use_ib`` and the synergy teaching: ``clamp(m_b / mean m,
 min_cw, max_cw)``, ``m_b = mean_j exp(-logvar_bj)``) times the overlap validity (teacher
 mode). ``c`` is the engine's ``kd_max_ratio`` cap of the weighted KD term (runner.py).
-Feature KD: per-sample mean over dims of the Huber(``feat_kd_huber_beta``)
-or squared distance between the student's ``feat_kd_key`` feature and the detached IB
-``mu``, capped per sample at ``feat_kd_clip``.
+Feature KD (spec 3.6.6 scale, targets.feature_kd_term): per sample the sum over dims of the
+Huber(``feat_kd_huber_beta``) or squared distance between the student's ``feat_kd_key`` feature
+and the detached IB ``mu``, with ``feat_kd_clip`` capping the per-dimension mean.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from torch import nn
 
 from asib_core.config.errors import ConfigError
 from asib_core.config.finalize import finalize_with_runtime
-from asib_core.losses import certainty_weights, feature_kd_loss
+from asib_core.losses import certainty_weights
 
 from asib_core.contract import Batch, Distiller, TrainContext
 from ..targets import selected_teacher
@@ -53,7 +53,8 @@ from .a_step import AStep, synergy_accuracy
 from .ib_mbm import IBMBM, SynergyHead
 from .settings import ASIBSettings
 from .teacher_cache import TeacherFeatureCache
-from .targets import GateState, auto_choice, ensemble_target, kd_vector, synergy_target, teacher_mask
+from .targets import (GateState, auto_choice, ensemble_target, feature_kd_term, kd_vector, synergy_target,
+                      teacher_mask)
 
 log = logging.getLogger(__name__)
 
@@ -337,12 +338,8 @@ class ASIB(Distiller):
             stats["hybrid/raw"] = float(hybrid_raw.detach())
 
         if feat_on:
-            f_vec = feature_kd_loss(out[s.feat_kd_key], ib.mu, clip=s.feat_kd_clip,
-                                    huber_beta=s.feat_kd_huber_beta, reduction="none",
-                                    feature_reduction="mean", clip_mode="sample", detach_target=True)
-            f_w = cw if cw is not None else torch.ones_like(f_vec)
-            feat_raw = (f_w * f_vec).mean()
-            losses["feat_kd"] = s.feat_kd_alpha * feat_raw
+            losses["feat_kd"], feat_raw = feature_kd_term(out[s.feat_kd_key], ib.mu, cw, s.feat_kd_alpha,
+                                                          s.feat_kd_clip, s.feat_kd_huber_beta)
             stats["feat_kd/raw"] = float(feat_raw.detach())
         self.record(**stats)
         return logits, losses
