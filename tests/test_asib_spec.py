@@ -192,3 +192,60 @@ def test_feature_kd_value_and_gradient_are_the_sum_over_dimensions():
     # sample 1: elements 0.5, 0.5, 0.5, |-2| - 0.5 = 1.5 -> mean 0.75, capped at 0.5 -> 2.0;
     # sample 2: 0.125 each -> mean 0.125 -> 0.5; batch mean 1.25
     assert float(raw) == pytest.approx(1.25)
+
+
+# -- 8. silent no-ops are warned about, naming the key --------------------------------------------
+def _asib_warnings(caplog, cfg):
+    from asib_core.methods import build_distiller
+    from asib_core.models import create_model
+    from asib_core.pipeline.models import build_student
+
+    caplog.clear()
+    teachers = [create_model(n, num_classes=10, distill_out_dim=cfg["distill_out_dim"])
+                for n in ("resnet20", "wrn_16_2")]
+    with caplog.at_level(logging.WARNING, logger="asib_core.methods.asib.distiller"):
+        build_distiller(cfg, build_student(cfg, 10), teachers)
+    return " | ".join(r.getMessage() for r in caplog.records)
+
+
+def test_teacher_freeze_keys_without_teacher_finetuning_are_warned_about(caplog):
+    text = _asib_warnings(caplog, asib_cfg("L4_full"))
+    assert "teacher1_freeze_level and teacher2_freeze_level (or their _schedule) have no effect" in text
+    assert "teacher1_freeze_bn and teacher2_freeze_bn have no effect" in text
+    text = _asib_warnings(caplog, asib_cfg("L4_full", ["experiment.use_teacher_finetuning=true",
+                                                       "experiment.train_distill_adapter_only=false"]))
+    assert "freeze_level" not in text and "freeze_bn" not in text
+
+
+def test_teacher_weights_under_the_closed_gate_fallback_are_warned_about(caplog):
+    cfg = asib_cfg("overlap_100")          # kd_target auto, hybrid_beta 0, method file's [0.7, 0.3]
+    assert cfg["kd_target"] == "auto" and cfg["hybrid_beta"] == 0.0
+    assert "teacher_weights=[0.7, 0.3] has no effect" in _asib_warnings(caplog, cfg)
+    # with the hybrid term (base's 0.05) the weights act there
+    assert "teacher_weights" not in _asib_warnings(caplog, asib_cfg("L1_ib"))
+
+
+def test_a_min_std_below_the_logvar_clip_floor_is_warned_about(caplog):
+    # clip 4: std >= exp(-2) = 0.135 anyway, so the seed's 0.01 floor never binds
+    assert "ib_mbm_min_std=0.01 can never bind" in _asib_warnings(caplog, asib_cfg("L1_ib"))
+    assert "ib_mbm_min_std" not in _asib_warnings(caplog, asib_cfg("L1_ib", ["experiment.ib_mbm_min_std=0.2"]))
+
+
+def test_a_clamped_synergy_only_window_is_warned_about(caplog):
+    assert "synergy_only_epochs=6 is clamped to 5" in _asib_warnings(caplog, asib_cfg("L2_cccp"))
+    assert "synergy_only_epochs" not in _asib_warnings(caplog, asib_cfg("L1_ib"))
+
+
+def test_b_step_lr_without_auxiliary_modules_is_warned_about(caplog):
+    from asib_core.engine.optim import student_optimizer
+
+    cfg = asib_cfg("overlap_100")
+    assert cfg["optimizer"] == "sgd" and cfg["b_step_lr"] == 0.05
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    with caplog.at_level(logging.WARNING, logger="asib_core.engine.optim"):
+        student_optimizer(cfg, params, [])
+    assert "b_step_lr=0.05 and b_step_weight_decay=0.0003: no effect" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="asib_core.engine.optim"):
+        opt = student_optimizer(cfg, params, [torch.nn.Parameter(torch.zeros(1))])
+    assert "b_step_lr" not in caplog.text and opt.param_groups[1]["lr"] == 0.05

@@ -50,6 +50,7 @@ from ..targets import selected_teacher
 from ..registry import register_method
 from . import ppf
 from .a_step import AStep, synergy_accuracy
+from .config_warnings import config_warnings
 from .ib_mbm import IBMBM, SynergyHead
 from .settings import ASIBSettings
 from .teacher_cache import TeacherFeatureCache
@@ -148,33 +149,8 @@ class ASIB(Distiller):
         return mask
 
     def _warn_about_config(self) -> None:
-        s = self.settings
-        first = s.freeze_level("student", 0)
-        if first >= 0 and not (self.cfg.get("model", {}).get("student", {}) or {}).get("pretrained"):
-            log.warning("ASIB: PPF freezes the student at level %d from the first stage, but the student is "
-                        "trained from scratch (pretrained: false): its frozen layers keep their random "
-                        "initialisation for that stage. Set experiment.use_partial_freeze=false, or a "
-                        "schedule that starts at -1 as L4 does, to train the whole student.", first)
-        if s.adapt_epochs > 0 and not s.synergy_consumed:
-            log.warning("ASIB: the A-step trains the synergy, but the B-step never uses it (kd_target=%s, "
-                        "feat_kd_alpha=0): the A-step (IB, CCCP) cannot change the student in this run.",
-                        s.kd_target)
-        if s.adapt_epochs == 0 and s.synergy_consumed:
-            log.warning("ASIB: teacher_adapt_epochs=0, so the synergy is never trained and its gate stays "
-                        "closed: kd_target=%s teaches with the weighted_conf ensemble and feature KD is off "
-                        "for the whole run.", s.kd_target)
-        if not s.kd_ens_alpha_ramp and s.kd_ens_alpha_max is not None and s.kd_ens_alpha_max != s.kd_ens_alpha:
-            log.warning("ASIB: kd_ens_alpha_max=%g has no effect: the ensemble share only rises toward it with "
-                        "kd_ens_alpha_ramp=true (off by default); the share is kd_ens_alpha=%g in the first "
-                        "teacher_adapt_kd_warmup=%d B-step epochs of each stage, then 0.", s.kd_ens_alpha_max,
-                        s.kd_ens_alpha, s.kd_ens_epochs)
-        if not s.kd_ens_alpha_ramp and s.kd_ens_alpha > 0 and s.kd_ens_epochs == 0:
-            log.warning("ASIB: kd_ens_alpha=%g has no effect: teacher_adapt_kd_warmup=0 mixes the ensemble "
-                        "into the synergy target in no B-step epoch.", s.kd_ens_alpha)
-        if s.use_ib and s.adapt_epochs > 0 and s.ib_beta > 0 and s.kl_epochs_per_stage == 0:
-            log.warning("ASIB: use_ib=true and ib_beta=%g but ib_epochs_per_stage=%d: the IB KL term never "
-                        "switches on (the latent is still sampled in the A-step).", s.ib_beta,
-                        s.ib_epochs_per_stage)
+        for message in config_warnings(self.settings, self.cfg, self.ib_mbm is not None):
+            log.warning("ASIB: %s", message)
 
     # -- modes -----------------------------------------------------------------
     def train(self, mode: bool = True):
