@@ -249,3 +249,34 @@ def test_b_step_lr_without_auxiliary_modules_is_warned_about(caplog):
     with caplog.at_level(logging.WARNING, logger="asib_core.engine.optim"):
         opt = student_optimizer(cfg, params, [torch.nn.Parameter(torch.zeros(1))])
     assert "b_step_lr" not in caplog.text and opt.param_groups[1]["lr"] == 0.05
+
+
+# -- 7. the gated A-step KD that pulls the synergy toward the student ----------------------------
+def test_a_step_kd_toward_the_student_is_on_after_the_window_once_the_gate_metric_reaches_the_threshold(tmp_path):
+    from asib_core.methods.asib.a_step import a_step_certainty, a_step_losses
+
+    cfg = asib_cfg("L1_ib", ["experiment.dataset.batch_size=16"])     # window 2, kd_alpha 0.35, thr 0.8
+    run, d = make_run(cfg, tiny_data(cfg, per_class=2, val_split=0.02), None, tmp_path)
+    x, y, idx = next(iter(run.train_loader))
+    batch = Batch(x=x, y=y, idx=idx, y_b=y, lam=1.0)
+    captured = {}
+    d.ib_mbm.register_forward_hook(lambda m, i, o: captured.update(out=o))
+    d.student.eval()
+    d.ib_mbm.train()
+    d.synergy_head.train()
+    syn, losses = a_step_losses(d, batch, stage=1, epoch=3, syn_acc=0.85)
+    with torch.no_grad():
+        s_logits = d.student(x)["logit"]
+    cw = a_step_certainty(captured["out"].effective_logvar, d.settings.min_cw)
+    p_s = F.softmax(s_logits.double() / 4.0, 1)
+    kl = (p_s * (p_s.log() - F.log_softmax(syn.detach().double() / 4.0, 1))).sum(1)
+    assert float(losses["kd"].detach()) == pytest.approx(0.35 * float((cw.double() * 16.0 * kl).mean()), rel=1e-4)
+    losses["kd"].backward()
+    assert d.synergy_head.fc.weight.grad.abs().sum() > 0                 # it trains the synergy
+    assert "kd" not in a_step_losses(d, batch, stage=1, epoch=3, syn_acc=0.5)[1]      # gate metric < 0.8
+    assert "kd" not in a_step_losses(d, batch, stage=1, epoch=1, syn_acc=0.85)[1]     # synergy-only window
+    assert "kd" not in a_step_losses(d, batch, stage=0, epoch=3)[1]                   # nothing measured yet
+    d.settings = dataclasses.replace(d.settings, gate_threshold=0.0)
+    assert "kd" in a_step_losses(d, batch, stage=0, epoch=3)[1]                       # threshold 0: open
+    d.settings = dataclasses.replace(d.settings, a_kd_alpha=0.0)
+    assert "kd" not in a_step_losses(d, batch, stage=0, epoch=3)[1]                   # weight 0: off

@@ -85,6 +85,7 @@ class ASIBSettings:
     cccp_on: bool
     cccp_alpha: float
     cccp_ramp_epochs: int     # cccp_ramp_epochs
+    a_kd_alpha: float         # teacher_adapt_alpha_kd (null: kd_alpha): A-step KD toward the student
     tau_a: float              # fixed `tau` of the A-step (CCCP)
     # -- B-step ---------------------------------------------------------------
     ce_label_smoothing: float
@@ -176,6 +177,14 @@ class ASIBSettings:
         if stage_epochs <= 1:
             return start
         return start + (end - start) * min(epoch_in_stage, stage_epochs - 1) / (stage_epochs - 1)
+
+    def a_kd_open(self, epoch: int, syn_acc: float) -> bool:
+        """Spec 3.4 step 4: the A-step KD toward the student is on after the window, with a
+        positive weight, when the threshold is 0 or the latest validation synergy accuracy
+        ``syn_acc`` (NaN: none measured yet, read as 0) reaches it."""
+        acc = 0.0 if syn_acc != syn_acc else syn_acc
+        return (epoch >= self.window and self.a_kd_alpha > 0
+                and (self.gate_threshold <= 0 or acc >= self.gate_threshold))
 
     def freeze_level(self, role: str, stage: int) -> int:
         if not self.use_partial_freeze:
@@ -323,6 +332,8 @@ class ASIBSettings:
             cccp_on=use_cccp and in_a,
             cccp_alpha=_float(cfg, "cccp_alpha", 0.2),
             cccp_ramp_epochs=_int(cfg, "cccp_ramp_epochs", 2),
+            a_kd_alpha=(_float(cfg, "teacher_adapt_alpha_kd", None) if cfg.get("teacher_adapt_alpha_kd") is not None
+                        else _float(cfg, "kd_alpha", 1.0)),
             tau_a=tau_a,
             ce_label_smoothing=_float(cfg, "ce_label_smoothing", 0.0) or 0.0,
             kd_target=kd_target,
@@ -350,8 +361,8 @@ class ASIBSettings:
         for key in ("synergy_ce_alpha", "a_step_lr", "ib_mbm_lr_factor", "cccp_alpha", "ib_beta",
                     "hybrid_beta", "feat_kd_alpha", "ib_mbm_reg_lambda", "label_smoothing",
                     "ib_beta_warmup_epochs", "ib_epochs_per_stage", "teacher_adapt_kd_warmup",
-                    "cccp_ramp_epochs"):
-            name = {"teacher_adapt_kd_warmup": "kd_ens_epochs"}.get(key, key)
+                    "cccp_ramp_epochs", "teacher_adapt_alpha_kd"):
+            name = {"teacher_adapt_kd_warmup": "kd_ens_epochs", "teacher_adapt_alpha_kd": "a_kd_alpha"}.get(key, key)
             value = values[name]
             if value is None or (isinstance(value, float) and math.isnan(value)) or value < 0:
                 raise ConfigError(f"{key}={value!r} must be a number >= 0.")
