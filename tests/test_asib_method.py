@@ -285,7 +285,10 @@ def _hand_kd(d, batch, tau, ens_alpha, gate_open, auto=False):
         k_ens = soft_target_kd_loss(out["logit"], q_ens, tau, reduction="none")
         if not gate_open:
             return float(k_ens.mean()), 0.0
-        ib = d.ib_mbm(out["distill_feat"], [o["distill_feat"] for o in touts])
+        d.student.eval()                              # the IB query: eval-mode student features
+        query = d.student(batch.x)["distill_feat"]
+        d.student.train()
+        ib = d.ib_mbm(query, [o["distill_feat"] for o in touts])
         z = d.synergy_head(ib.mu)
         tau_s = s.tau_syn
         probs_s = [F.softmax(o["logit"] / tau_s, 1) for o in touts]
@@ -310,6 +313,12 @@ def _hand_kd(d, batch, tau, ens_alpha, gate_open, auto=False):
 def test_gate_switches_the_kd_target_when_validation_synergy_accuracy_crosses_the_threshold(trained_a_step):
     run, d = trained_a_step["run"], trained_a_step["d"]
     d.train()
+    # BN momentum 0: the train-mode forwards below leave the running statistics (read by the
+    # eval-mode IB query) as they are, so every call sees the same query
+    bns = [m for m in d.student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
     batch = _first_batch(run, mixed=True)
     ctx = TrainContext(epoch=5, stage=0, epoch_in_stage=0, total_epochs=1, tau=4.0, kd_ramp=1.0,
                        device=torch.device("cpu"))
@@ -323,7 +332,7 @@ def test_gate_switches_the_kd_target_when_validation_synergy_accuracy_crosses_th
         _, losses = d.forward_train(batch, ctx)
         stats = d.pop_epoch_metrics()
         results[label] = (losses, stats)
-        # teachers and the IB query see the student's own (mixed) batch
+        # the teachers see the student's own batch (this hand-made batch has no x_clean)
         assert torch.equal(inputs[-1], batch.x)
     hook.remove()
     a = d.settings.kd_ens_alpha                                   # first B-step epoch of the stage
@@ -349,6 +358,8 @@ def test_gate_switches_the_kd_target_when_validation_synergy_accuracy_crosses_th
     kd_auto, ratio = _hand_kd(d, batch, 4.0, a, gate_open=True, auto=True)
     assert stats["kd/syn_ratio"] == pytest.approx(ratio)
     assert float(losses["kd"].detach()) == pytest.approx(0.35 * kd_auto, rel=1e-4)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
 
 
 def test_without_an_a_step_the_untrained_synergy_never_opens_the_gate(tmp_path):

@@ -83,6 +83,9 @@ def _open_gate_run(tmp_path, exp="L1_ib", overrides=()):
     run, d = make_run(cfg, tiny_data(cfg, per_class=2, val_split=0.02), None, tmp_path)
     d.gate.syn_acc, d.gate.trained = 0.95, True
     d.train()
+    for m in d.student.modules():      # repeated train-mode calls keep the running statistics that
+        if isinstance(m, torch.nn.BatchNorm2d):       # the eval-mode IB query reads
+            m.momentum = 0.0
     x, y, idx = next(iter(run.train_loader))
     return run, d, Batch(x=x, y=y, idx=idx, y_b=y, lam=1.0)
 
@@ -280,3 +283,33 @@ def test_a_step_kd_toward_the_student_is_on_after_the_window_once_the_gate_metri
     assert "kd" in a_step_losses(d, batch, stage=0, epoch=3)[1]                       # threshold 0: open
     d.settings = dataclasses.replace(d.settings, a_kd_alpha=0.0)
     assert "kd" not in a_step_losses(d, batch, stage=0, epoch=3)[1]                   # weight 0: off
+
+
+# -- 6. the B-step queries IB_MBM as it was trained and gated ------------------------------------
+def test_b_step_queries_ib_mbm_with_eval_mode_features_of_the_clean_images(tmp_path):
+    run, d, clean_batch = _open_gate_run(tmp_path)
+    x, y = clean_batch.x, clean_batch.y
+    perm = torch.roll(torch.arange(x.shape[0]), 1)
+    lam = 0.7
+    batch = Batch(x=lam * x + (1 - lam) * x[perm], y=y, idx=clean_batch.idx, y_b=y[perm], lam=lam,
+                  x_clean=x, perm=perm)
+    seen = {}
+    d.ib_mbm.register_forward_hook(lambda m, i, o: seen.update(query=i[0], tokens=i[1], out=o))
+    _, losses = d.forward_train(batch, _ctx(8))                  # after the mixing epochs: a = 0
+    with torch.no_grad():
+        d.student.eval()
+        query = d.student(x)["distill_feat"]
+        logits = d.student.train()(batch.x)["logit"]
+        tokens = [t(x)["distill_feat"] for t in d.teachers]
+    assert torch.allclose(seen["query"], query, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(seen["tokens"], tokens))
+    # the clean images' synergy, certainty weights mixed like the labels: lam * v + (1 - lam) * v[perm]
+    s = d.settings
+    with torch.no_grad():
+        z = d.synergy_head(seen["out"].mu)
+    mix = lambda v: lam * v + (1 - lam) * v[perm]                # noqa: E731
+    q = mix(F.softmax(s.synergy_logit_scale * z.double() / s.tau_syn, 1))
+    m = torch.exp(-seen["out"].effective_logvar.double()).mean(1)
+    cw = mix((m / m.mean()).clamp(s.min_cw, s.max_cw))
+    k = s.tau_syn ** 2 * (q * (q.log() - F.log_softmax(logits.double() / s.tau_syn, 1))).sum(1)
+    assert float(losses["kd"].detach()) == pytest.approx(0.35 * float((cw * k).mean()), rel=1e-4)

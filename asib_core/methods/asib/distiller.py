@@ -14,7 +14,10 @@ Then the engine runs the stage's B-step epochs through :meth:`forward_train`:
 ``q_avg`` is the ``avg`` ensemble (``teacher_weights``); when ``ce_alpha + hybrid_beta > 1``
 both ``ce_alpha`` and ``kd_alpha`` are multiplied by ``1 - hybrid_beta`` (spec 3.6.9).
 
-Teachers, the IB query and the student all see the same (Mixup/CutMix-mixed) batch.
+The student and the teachers' KD targets see the same (Mixup/CutMix-mixed) batch. IB_MBM is
+queried as it was trained and gated: eval-mode student features and teacher tokens of the clean
+images; its per-sample outputs (synergy probabilities, certainty weights, mu) are mixed like the
+labels, ``lam * v + (1 - lam) * v[perm]`` (``Batch.mix``).
 ``k_b`` is the per-sample KD value toward the sample's target (targets.py):
 
 * ensemble-taught samples: ``tau^2 KL(q_ens || p^tau)``;
@@ -39,6 +42,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from asib_core.config.errors import ConfigError
@@ -234,6 +238,26 @@ class ASIB(Distiller):
             runner.log_metrics({**self.gate.metrics(), "stage": stage + 1})
 
     # -- B-step ------------------------------------------------------------------
+    @torch.no_grad()
+    def _clean_synergy(self, batch: Batch, touts: list[dict]):
+        """IB_MBM queried as it was trained and gated: the student's ``feat_kd_key`` feature in
+        eval mode (no BN statistics update) and the teachers' tokens, both of the clean images
+        (``batch.x_clean``; the batch itself when it was not mixed). The caller mixes the
+        per-sample results like the labels (``Batch.mix``)."""
+        clean = batch.x_clean if batch.x_clean is not None else batch.x
+        flags = [m.training for m in self.student.modules()]
+        self.student.eval()
+        try:
+            query = self.student(clean)[self.settings.feat_kd_key]
+        finally:
+            for m, flag in zip(self.student.modules(), flags):
+                m.training = flag
+        if clean is batch.x:
+            tokens = [self._token(o) for o in touts]
+        else:
+            tokens = [self._token(t(clean)) for t in self.teachers]
+        return self.ib_mbm(query, tokens, sample=not self.settings.use_mu_for_kd)
+
     def forward_train(self, batch: Batch, ctx: TrainContext):
         s = self.settings
         out = self.student(batch.x)
@@ -264,11 +288,9 @@ class ASIB(Distiller):
         mask = teacher_mask(self.overlap_subsets, batch, len(self.teachers))
         ib = cw = None
         if syn_teaches or feat_on:
-            with torch.no_grad():
-                ib = self.ib_mbm(out[s.feat_kd_key].detach(), [self._token(o) for o in touts],
-                                 sample=not s.use_mu_for_kd)
+            ib = self._clean_synergy(batch, touts)
             if s.use_ib:
-                cw = certainty_weights(ib.effective_logvar, s.min_cw, s.max_cw, normalize=True)
+                cw = batch.mix(certainty_weights(ib.effective_logvar, s.min_cw, s.max_cw, normalize=True))
                 stats["kd/cw_mean"] = float(cw.mean())
 
         if kd_w > 0:
@@ -288,11 +310,11 @@ class ASIB(Distiller):
                 q_ens_s = q_ens
                 if a > 0 and tau_s != tau:
                     q_ens_s = ensemble_target(ens_mode, self.cfg, tlogits, tau_s, mask)[0]
-                q_syn = synergy_target(z_syn, s.synergy_logit_scale, tau_s, q_ens_s, a)
+                q_syn = synergy_target(z_syn, s.synergy_logit_scale, tau_s, q_ens_s, a, mix=batch.mix)
                 k_syn = kd_vector(logits, q_syn, tau_s)
                 if s.kd_target == "auto":
                     q_ens_1 = ensemble_target(ens_mode, self.cfg, tlogits, 1.0, mask)[0]
-                    choose = auto_choice(z_syn, q_ens_1, batch)
+                    choose = auto_choice(batch.mix(F.softmax(z_syn, dim=-1)), q_ens_1, batch)
                 else:
                     choose = torch.ones_like(k_vec, dtype=torch.bool)
                 k_vec = torch.where(choose, k_syn, k_vec)
@@ -314,8 +336,8 @@ class ASIB(Distiller):
             stats["hybrid/raw"] = float(hybrid_raw.detach())
 
         if feat_on:
-            losses["feat_kd"], feat_raw = feature_kd_term(out[s.feat_kd_key], ib.mu, cw, s.feat_kd_alpha,
-                                                          s.feat_kd_clip, s.feat_kd_huber_beta)
+            losses["feat_kd"], feat_raw = feature_kd_term(out[s.feat_kd_key], batch.mix(ib.mu), cw,
+                                                          s.feat_kd_alpha, s.feat_kd_clip, s.feat_kd_huber_beta)
             stats["feat_kd/raw"] = float(feat_raw.detach())
         self.record(**stats)
         return logits, losses

@@ -76,9 +76,12 @@ def ensemble_target(mode: str, cfg: dict, teacher_logits: list[torch.Tensor], ta
 
 @torch.no_grad()
 def synergy_target(synergy_logits: torch.Tensor, scale: float, tau: float, ensemble_probs: torch.Tensor,
-                   ens_alpha: float) -> torch.Tensor:
-    """``(1 - a) * softmax(scale * z / tau) + a * ensemble`` (probabilities at ``tau``)."""
+                   ens_alpha: float, mix=None) -> torch.Tensor:
+    """``(1 - a) * mix(softmax(scale * z / tau)) + a * ensemble`` (probabilities at ``tau``);
+    ``mix`` (``Batch.mix``) turns the clean images' synergy into targets of the mixed batch."""
     q = F.softmax(scale * synergy_logits.float() / tau, dim=-1)
+    if mix is not None:
+        q = mix(q)
     if ens_alpha <= 0:
         return q
     return (1.0 - ens_alpha) * q + ens_alpha * ensemble_probs
@@ -99,10 +102,10 @@ def label_ce(probs_or_logits: torch.Tensor, batch, is_logits: bool) -> torch.Ten
 
 
 @torch.no_grad()
-def auto_choice(synergy_logits: torch.Tensor, ensemble_probs_t1: torch.Tensor, batch) -> torch.Tensor:
+def auto_choice(synergy_probs_t1: torch.Tensor, ensemble_probs_t1: torch.Tensor, batch) -> torch.Tensor:
     """``auto``: sample b is taught by the synergy iff its label CE is not worse than the
-    ensemble's (both at temperature 1, mixed labels weighted by lambda)."""
-    return label_ce(synergy_logits, batch, True) <= label_ce(ensemble_probs_t1, batch, False)
+    ensemble's (both probabilities at temperature 1, mixed labels weighted by lambda)."""
+    return label_ce(synergy_probs_t1, batch, False) <= label_ce(ensemble_probs_t1, batch, False)
 
 
 def feature_kd_term(student_feat: torch.Tensor, mu: torch.Tensor, weights: torch.Tensor | None, alpha: float,
