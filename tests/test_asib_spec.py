@@ -16,7 +16,7 @@ from asib_core.config.finalize import finalize_config
 from asib_core.config.resolve import resolve_experiment
 from asib_core.contract import Batch, TrainContext
 from asib_core.engine.schedules import kd_cap
-from asib_core.methods.asib import ASIBSettings
+from asib_core.methods.asib import ASIBSettings, ppf
 from asib_core.methods.asib.targets import feature_kd_term
 from tests.asib_helpers import asib_cfg, make_run, tiny_data
 
@@ -313,3 +313,74 @@ def test_b_step_queries_ib_mbm_with_eval_mode_features_of_the_clean_images(tmp_p
     cw = mix((m / m.mean()).clamp(s.min_cw, s.max_cw))
     k = s.tau_syn ** 2 * (q * (q.log() - F.log_softmax(logits.double() / s.tau_syn, 1))).sum(1)
     assert float(losses["kd"].detach()) == pytest.approx(0.35 * float((cw * k).mean()), rel=1e-4)
+
+
+# -- tests the issue asks for ---------------------------------------------------------------------
+def test_a_step_learning_rate_groups(tmp_path):
+    from asib_core.methods.asib.a_step import AStep
+
+    cfg = asib_cfg("L3_ib_cccp_tadapt", ["experiment.dataset.batch_size=16"])
+    assert (cfg["a_step_lr"], cfg["ib_mbm_lr_factor"], cfg["teacher_lr"]) == (1e-4, 2, 3e-6)
+    run, d = make_run(cfg, tiny_data(cfg, per_class=2, val_split=0.02), None, tmp_path)
+    groups = {g["name"]: g for g in AStep(d, 0, run).optimizer().param_groups}
+    assert groups["ib_mbm"]["lr"] == pytest.approx(2e-4) and groups["synergy_head"]["lr"] == 1e-4
+    assert groups["teachers"]["lr"] == 3e-6 and groups["teachers"]["weight_decay"] == 1e-4
+    assert {id(p) for p in groups["ib_mbm"]["params"]} == {id(p) for p in d.ib_mbm.parameters()}
+    assert {id(p) for p in groups["synergy_head"]["params"]} == {id(p) for p in d.synergy_head.parameters()}
+    adapters = {id(p) for t in d.teachers for p in t.distill_adapter.parameters()}
+    assert {id(p) for p in groups["teachers"]["params"]} == adapters      # train_distill_adapter_only
+
+
+def test_a_b_step_leaves_ib_mbm_head_and_adapters_unchanged(tmp_path):
+    cfg = asib_cfg("L3_ib_cccp_tadapt", ["experiment.num_stages=1", "experiment.student_epochs_per_stage=[1]",
+                                         "experiment.teacher_adapt_epochs=1", "experiment.enable_kd_after_syn_acc=0",
+                                         "experiment.dataset.batch_size=16"])
+    run, d = make_run(cfg, tiny_data(cfg, per_class=2, val_split=0.02), None, tmp_path)
+    after_a = {}
+    stage_start = d.stage_start
+
+    def spy(stage, runner):
+        before = {k: v.clone() for k, v in d.state_dict().items()}
+        stage_start(stage, runner)
+        after_a.update({k: v.clone() for k, v in d.state_dict().items()})
+        after_a["_moved"] = [k for k, v in before.items() if not torch.equal(v, after_a[k])]
+
+    d.stage_start = spy
+    run.log_metrics = lambda metrics, step=None: None
+    run.fit()
+    moved = after_a["_moved"]
+    assert any(k.startswith("ib_mbm.") for k in moved) and any(".distill_adapter." in k for k in moved)
+    b_steps = [h for h in run.state.history if "train/kd" in h]
+    assert b_steps and b_steps[-1]["gate/open"] == 1.0 and b_steps[-1]["kd/syn_ratio"] == 1.0
+    final = d.state_dict()
+    kept = [k for k in final if k.startswith(("ib_mbm.", "synergy_head.")) or ".distill_adapter." in k
+            and k.startswith("teachers.")]
+    assert kept and all(torch.equal(final[k], after_a[k]) for k in kept)
+    assert any(not torch.equal(final[k], after_a[k]) for k in final if k.startswith("student."))
+
+
+def test_use_teacher_finetuning_trains_the_unfrozen_teacher_part_in_the_a_step(tmp_path):
+    cfg = asib_cfg("L4_full", ["experiment.num_stages=1", "experiment.student_epochs_per_stage=[0]",
+                               "experiment.teacher_adapt_epochs=1", "experiment.use_teacher_finetuning=true",
+                               "experiment.train_distill_adapter_only=false", "experiment.dataset.batch_size=16",
+                               *[f"experiment.{r}_freeze_level_schedule=[1]" for r in ("student", "teacher1",
+                                                                                      "teacher2")]])
+    run, d = make_run(cfg, tiny_data(cfg, per_class=2, val_split=0.02), None, tmp_path)
+    before = [{k: v.clone() for k, v in t.state_dict().items()} for t in d.teachers]
+    modes = []
+    tokens = d.teacher_tokens
+    d.teacher_tokens = lambda x, a_step=False: (a_step and modes.append([t.training for t in d.teachers]),
+                                                tokens(x, a_step))[1]
+    run.log_metrics = lambda metrics, step=None: None
+    run.fit()
+    assert modes and all(m == [True, True] for m in modes)                # BN batch statistics
+    for teacher, old in zip(d.teachers, before):
+        new = teacher.state_dict()
+        changed = {k for k in new if not torch.equal(new[k], old[k])}
+        assert any(k.startswith("distill_adapter.") for k in changed)
+        assert any(not k.startswith(("distill_adapter.", "classifier.")) for k in changed)   # the backbone
+        frozen = ppf.frozen_parameter_names(teacher, 1)                 # level 1: all but the last stage
+        assert frozen and not frozen & changed
+        assert all(p.requires_grad is False for p in teacher.parameters())             # frozen again
+    state = d.checkpoint_state()
+    assert any(k.startswith("teachers.0.") and "distill_adapter" not in k for k in state)
