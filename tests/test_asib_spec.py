@@ -18,15 +18,13 @@ from asib_core.contract import Batch, TrainContext
 from asib_core.engine.schedules import kd_cap
 from asib_core.methods.asib import ASIBSettings, ppf
 from asib_core.methods.asib.targets import feature_kd_term
-from tests.asib_helpers import asib_cfg, make_run, tiny_data
+from tests.asib_helpers import asib_cfg, make_run, single_torch_thread, tiny_data
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_torch_thread():
+        yield
 
 
 def effective(exp, overrides=()):
