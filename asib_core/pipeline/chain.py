@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from asib_core.config import identity_hash, resolve_experiment
 from asib_core.methods import get_method
 from asib_core.tracking import configure_tracking, experiment_for, open_run, search_finished
+from asib_core.tracking.environ import scoped_environ
 from asib_core.tracking.owners import OWNER_TAG, owner_id
 
 from .common import run_tags, setup_logging, teacher_names
@@ -72,22 +72,8 @@ def run_main(exp: str, overrides: list[str], *, env_manager: str = "local", base
     setup_logging()
     configure_tracking()
     # chained steps work where main was started; the caller's environment is left as it was
-    with _environ(ASIB_WORKDIR=os.getcwd()):
+    with scoped_environ(ASIB_WORKDIR=os.getcwd()):
         return _run_chain(exp, overrides, env_manager, baseline, nproc, list(finetune_overrides))
-
-
-@contextmanager
-def _environ(**values: str):
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _run_chain(exp: str, overrides: list[str], env_manager: str, baseline: str, nproc: int,

@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from asib_core.config import ConfigError, resolve_experiment
 from asib_core.tracking import configure_tracking, experiment_for, open_run
+from asib_core.tracking.environ import scoped_environ
 
 from . import study as st
 from .recovery import IDENTITY_TAG, PARENT_ATTR, STATE_ATTR, UID_ATTR, Heartbeat, close_dead_worker_runs, \
@@ -118,17 +119,8 @@ def worker_device(cfg: dict, overrides: list, worker: int) -> tuple[list[str], s
 def trial_environment(experiment_name: str):
     """Trials nest under the parent: same MLflow experiment, and not attached to the run that
     ``mlflow run`` created for the parent (``MLFLOW_RUN_ID``)."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME")}
-    os.environ.pop("MLFLOW_RUN_ID", None)
-    os.environ["MLFLOW_EXPERIMENT_NAME"] = experiment_name
-    try:
+    with scoped_environ(MLFLOW_RUN_ID=None, MLFLOW_EXPERIMENT_NAME=experiment_name):
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def preflight(settings: SweepSettings, space: SearchSpace):
