@@ -129,8 +129,9 @@ def build_models(cfg: dict, num_classes: int, teacher_states: dict | None = None
     return student, teachers
 
 
-def make_run(cfg: dict, data, teacher_states: dict | None, tmp_path: Path):
-    """(TrainingRun, distiller) assembled as in ``pipeline.distill._fit`` (CPU, no tracker)."""
+def make_run(cfg: dict, data, teacher_states: dict | None, tmp_path: Path, dist=None):
+    """(TrainingRun, distiller) assembled as in ``pipeline.distill._fit`` (CPU, no tracker;
+    ``dist``: a DistContext of an initialised process group, for data-parallel runs)."""
     cfg = copy.deepcopy(cfg)
     cfg["num_classes"] = int(data.num_classes)
     student, teachers = build_models(cfg, data.num_classes, teacher_states)
@@ -141,5 +142,5 @@ def make_run(cfg: dict, data, teacher_states: dict | None, tmp_path: Path):
     scheduler = build_epoch_scheduler(optimizer, cfg.get("schedule") or {}, spec.total_epochs)
     run = TrainingRun(cfg=cfg, spec=spec, distiller=distiller, data=data, device=torch.device("cpu"),
                       precision=Precision(torch.device("cpu"), False), optimizer=optimizer, scheduler=scheduler,
-                      state_dir=Path(tmp_path) / "state", lock=lock, tracker=None, title="asib-test")
+                      state_dir=Path(tmp_path) / "state", lock=lock, tracker=None, title="asib-test", dist=dist)
     return run, distiller

@@ -41,6 +41,29 @@ class DistContext:
         if self.enabled:
             dist.barrier()
 
+    def average_gradients(self, params) -> None:
+        """Replace each parameter's gradient by its mean over the ranks (what DDP does for
+        the modules it wraps; used for modules trained outside the DDP module, such as ASIB's
+        A-step). A parameter without a gradient on this rank contributes zeros, so every rank
+        makes the same collective calls."""
+        if not self.enabled:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(self.world_size)
+
+    def broadcast_states(self, modules, buffers_only: bool = False) -> None:
+        """Copy rank 0's parameters and buffers (only buffers with ``buffers_only``) of
+        ``modules`` to every rank."""
+        if not self.enabled:
+            return
+        for module in modules:
+            tensors = [] if buffers_only else [p.data for p in module.parameters()]
+            for tensor in tensors + list(module.buffers()):
+                dist.broadcast(tensor, src=0)
+
     def broadcast_object(self, obj):
         if not self.enabled:
             return obj

@@ -1,8 +1,9 @@
 """The one epoch loop every step uses (fine-tune, pre-training stages, A-step, B-step).
 
 ``train_epoch`` drives a *step function* ``step(batch) -> (logits, {name: loss})``:
-it mixes the batch (Mixup/CutMix), sums the named losses, clamps, back-propagates,
-clips, steps the optimiser and accumulates per-epoch means. A non-finite loss raises
+it mixes the batch (Mixup/CutMix), sums the named losses, clamps, back-propagates (then
+calls ``after_backward``, e.g. a gradient all-reduce), clips, steps the optimiser and
+accumulates per-epoch means. A non-finite loss raises
 :class:`NonFiniteLoss` (SAFE-RETRY catches it). ``evaluate`` runs a model function
 over a loader without gradients.
 """
@@ -54,7 +55,8 @@ def _mix_generator(seed: int, epoch: int, device: torch.device) -> torch.Generat
 
 
 def train_epoch(step: Callable, loader, optimizer, params, precision: Precision,
-                settings: EpochSettings, reducer=None, scheduler_per_batch=None) -> EpochResult:
+                settings: EpochSettings, reducer=None, scheduler_per_batch=None,
+                after_backward: Callable | None = None) -> EpochResult:
     sums: dict[str, float] = {}
     correct = seen = clamped = 0
     start = time.perf_counter()
@@ -77,6 +79,8 @@ def train_epoch(step: Callable, loader, optimizer, params, precision: Precision,
         clamped += int(was_clamped)
         optimizer.zero_grad(set_to_none=True)
         precision.scaler.scale(total).backward()
+        if after_backward is not None:
+            after_backward()
         if settings.grad_clip_norm and settings.grad_clip_norm > 0:
             precision.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, settings.grad_clip_norm)

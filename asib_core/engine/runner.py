@@ -340,10 +340,13 @@ class TrainingRun:
         self.distiller.load_deploy_state(deploy)
 
     def run_aux_epochs(self, name: str, step_fn: Callable, params: list, optimizer, epochs: int,
-                       *, mix: bool = False, clamp: bool = True, extra_metrics: Callable | None = None) -> list[dict]:
+                       *, mix: bool = False, clamp: bool = True, extra_metrics: Callable | None = None,
+                       after_backward: Callable | None = None) -> list[dict]:
         """Epochs of an auxiliary phase (pre-training, A-step): same loop, own optimiser.
 
-        Each epoch is one MLflow step (``log_step``) with metrics under ``name/``.
+        Each epoch is one MLflow step (``log_step``) with metrics under ``name/``. Modules
+        trained here are not inside the DDP module: under data parallelism the caller
+        synchronises them (``after_backward``: e.g. ``self.dist.average_gradients``).
         """
         out = []
         for e in range(epochs):
@@ -357,7 +360,8 @@ class TrainingRun:
                 desc=f"{self.title} {name} epoch {e + 1}/{epochs}",
             )
             result = train_epoch(lambda batch: step_fn(batch, e), self.train_loader, optimizer, params,
-                                 self.precision, settings, reducer=self.dist.reduce_sum)
+                                 self.precision, settings, reducer=self.dist.reduce_sum,
+                                 after_backward=after_backward)
             metrics = {f"{name}/{k}": v for k, v in result.metrics.items()}
             if extra_metrics is not None:
                 metrics.update(extra_metrics(e))

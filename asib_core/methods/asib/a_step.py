@@ -28,6 +28,12 @@ every epoch the synergy accuracy on the validation split is measured (``a_step/s
 the value after the last epoch sets the gate. There is no rollback and no best-snapshot
 restore (a best-accuracy snapshot would systematically discard the CCCP epochs).
 
+Data parallelism (torchrun): these modules are trained outside the DDP module, so the A-step
+synchronises them itself: rank 0's parameters and buffers are broadcast at its start, every
+gradient is averaged over the ranks after each backward (as DDP does), and the buffers (BN
+statistics of fine-tuned teachers) are broadcast from rank 0 after every epoch; every rank then
+measures the same validation accuracy and sets the same gate.
+
 Optimiser: a fresh AdamW per A-step with constant learning rates: IB_MBM ``a_step_lr *
 ib_mbm_lr_factor``, synergy head ``a_step_lr`` (both weight decay ``a_step_weight_decay``),
 teacher parameters ``teacher_lr`` (``teacher_weight_decay``).
@@ -204,12 +210,19 @@ class AStep:
         return out
 
     # -- the run ------------------------------------------------------------------
-    def _snapshot(self) -> dict:
+    def _trained(self) -> dict:
         modules = {"ib_mbm": self.d.ib_mbm, "synergy_head": self.d.synergy_head}
         for i, teacher in enumerate(self.d.teachers):
             if self.teacher_params[i]:
                 modules[f"teacher{i}"] = teacher
-        return {k: copy.deepcopy(m.state_dict()) for k, m in modules.items()}
+        return modules
+
+    def trained_modules(self) -> list:
+        """IB_MBM, the synergy head and every teacher with parameters trained here."""
+        return list(self._trained().values())
+
+    def _snapshot(self) -> dict:
+        return {k: copy.deepcopy(m.state_dict()) for k, m in self._trained().items()}
 
     def _restore(self, snap: dict) -> None:
         for key, state in snap.items():
@@ -259,6 +272,7 @@ class AStep:
             return a_step_losses(d, batch, self.stage, e, recent)
 
         def extra(e):
+            runner.dist.broadcast_states(self.trained_modules(), buffers_only=True)
             acc = synergy_accuracy(d, runner.val_loader, runner.precision)
             self.set_modes()
             self.last_acc = acc
@@ -273,8 +287,10 @@ class AStep:
                 metrics.update(d.gate.metrics())
             return metrics
 
+        runner.dist.broadcast_states(self.trained_modules())
         runner.run_aux_epochs("a_step", step_fn, params, opt, epochs, mix=False,
-                              clamp=not s.disable_loss_clamp_in_a, extra_metrics=extra)
+                              clamp=not s.disable_loss_clamp_in_a, extra_metrics=extra,
+                              after_backward=lambda: runner.dist.average_gradients(params))
         log.info("A-step of stage %d: validation synergy accuracy %.4f (gate threshold %.3f -> %s)",
                  self.stage + 1, self.last_acc, s.gate_threshold, "open" if d.gate.open else "closed")
         return self.last_acc
