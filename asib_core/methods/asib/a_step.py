@@ -52,9 +52,13 @@ from asib_core.engine.loop import NonFiniteLoss
 from asib_core.losses import cccp_loss, gaussian_kl
 
 from . import ppf
+from .targets import ensemble_target
+from .teacher_cache import teacher_features
 
 log = logging.getLogger(__name__)
 ROLES = ("teacher1", "teacher2")
+#: prefix of the per-A-step-epoch validation accuracies (validation_accuracies)
+VAL_PREFIX = "a_step_val/"
 
 
 def per_sample_ce(logits: torch.Tensor, batch, label_smoothing: float) -> torch.Tensor:
@@ -76,9 +80,11 @@ def param_l2(modules) -> torch.Tensor:
     return torch.stack([p.float().pow(2).mean() for p in tensors]).mean()
 
 
-def a_step_losses(distiller, batch, stage: int, epoch: int, syn_acc: float = math.nan):
+def a_step_losses(distiller, batch, stage: int, epoch: int, syn_acc: float = math.nan,
+                  ensemble_acc: float = math.nan):
     """One A-step batch: ``(synergy logits, {name: weighted loss})``; records diagnostics.
-    ``syn_acc``: the latest validation synergy accuracy (gates the KD toward the student)."""
+    ``syn_acc`` / ``ensemble_acc``: the latest validation synergy / teacher-ensemble accuracy
+    (they gate the KD toward the student)."""
     s = distiller.settings
     with torch.no_grad():
         sout = distiller.student(batch.x)
@@ -99,7 +105,7 @@ def a_step_losses(distiller, batch, stage: int, epoch: int, syn_acc: float = mat
     stats["a_step/cw_mean"] = float(cw.mean())
     w_ce = 1.0 if in_window else s.synergy_ce_alpha
     losses = {"syn_ce": w_ce * (cw * ce_vec).mean()}
-    kd_open = s.a_kd_open(epoch, syn_acc)
+    kd_open = s.a_kd_open(epoch, syn_acc, ensemble_acc)
     stats["a_step/kd_open"] = float(kd_open)
     if kd_open:
         kd_raw = (cw * cccp_loss(syn, student_logits, s.tau_a, reduction="none")).mean()
@@ -124,30 +130,46 @@ def a_step_losses(distiller, batch, stage: int, epoch: int, syn_acc: float = mat
 
 
 @torch.no_grad()
-def synergy_accuracy(distiller, loader, precision=None) -> float:
-    """Top-1 accuracy of ``head(mu)`` on ``loader`` with every module in eval mode; the
-    previous train/eval modes are restored afterwards. NaN for an empty loader. The teachers'
-    features come from the distiller's ``val_teacher_cache`` when it has one (teacher_cache.py)."""
-
-    modules = [distiller.student, *distiller.teachers, distiller.ib_mbm, distiller.synergy_head]
+def validation_accuracies(distiller, loader, precision=None) -> dict[str, float]:
+    """Top-1 accuracies on ``loader`` with every module in eval mode (the previous train/eval
+    modes are restored afterwards): ``synergy`` (``head(mu)``), ``teacher1``, ``teacher2``, ...,
+    ``ensemble`` (the argmax of the B-step's ensemble target at temperature 1,
+    ``distiller.ensemble_mode``, without overlap masks) and ``oracle`` (a sample counts as right
+    when any teacher is right). NaN each for an empty loader. The teachers run once per batch
+    (their ``feat_2d`` gives tokens and logits), or not at all when the distiller's
+    ``val_teacher_cache`` holds their features (teacher_cache.py)."""
+    teachers = distiller.teachers
+    modules = [distiller.student, *teachers, distiller.ib_mbm, distiller.synergy_head]
     modes = [[m.training for m in mod.modules()] for mod in modules]
     for mod in modules:
         mod.eval()
-    correct = seen = 0
+    names = ["synergy", *(f"teacher{i}" for i in range(1, len(teachers) + 1)), "ensemble", "oracle"]
+    correct = dict.fromkeys(names, 0)
+    seen = 0
     cache = getattr(distiller, "val_teacher_cache", None)
-    batches = (cache.batches(loader, distiller.teachers, precision) if cache is not None
-               else ((x, y, None) for x, y, *_ in loader))
+    batches = (cache.batches(loader, teachers, precision) if cache is not None
+               else ((x, y, teacher_features(teachers, x, precision)) for x, y, *_ in loader))
     try:
         for x, y, feats in batches:
             with autocast_for(precision):
                 logits = distiller.synergy_logits(x, feats)
-            correct += int((logits.float().argmax(1) == y).sum())
+                tlogits = [t.float() for t in distiller.teacher_logits(feats)]
+            ens = ensemble_target(distiller.ensemble_mode, distiller.cfg, tlogits, 1.0)[0]
+            right = [lg.argmax(1) == y for lg in tlogits]
+            hits = [logits.float().argmax(1) == y, *right, ens.argmax(1) == y, torch.stack(right).any(0)]
+            for name, hit in zip(names, hits):
+                correct[name] += int(hit.sum())
             seen += int(y.shape[0])
     finally:
         for mod, flags in zip(modules, modes):
             for m, flag in zip(mod.modules(), flags):
                 m.training = flag
-    return correct / seen if seen else math.nan
+    return {name: (correct[name] / seen if seen else math.nan) for name in names}
+
+
+def synergy_accuracy(distiller, loader, precision=None) -> float:
+    """Top-1 validation accuracy of ``head(mu)`` (:func:`validation_accuracies`)."""
+    return validation_accuracies(distiller, loader, precision)["synergy"]
 
 
 class AStep:
@@ -169,6 +191,7 @@ class AStep:
             if self.s.use_teacher_finetuning and self.s.use_partial_freeze and self.s.freeze_bn.get(role, True):
                 self.frozen_teacher_bns.extend(ppf.frozen_batchnorms(teacher, level))
         self.last_acc = math.nan
+        self.last_ensemble_acc = math.nan
 
     # -- modes / grads ---------------------------------------------------------
     def set_modes(self) -> None:
@@ -268,22 +291,27 @@ class AStep:
         epochs = s.adapt_epochs
 
         def step_fn(batch, e):
-            recent = self.last_acc if self.last_acc == self.last_acc else d.gate.syn_acc
-            return a_step_losses(d, batch, self.stage, e, recent)
+            measured = self.last_acc == self.last_acc
+            return a_step_losses(d, batch, self.stage, e, self.last_acc if measured else d.gate.syn_acc,
+                                 self.last_ensemble_acc if measured else d.gate.ensemble_acc)
 
         def extra(e):
             runner.dist.broadcast_states(self.trained_modules(), buffers_only=True)
-            acc = synergy_accuracy(d, runner.val_loader, runner.precision)
+            accs = validation_accuracies(d, runner.val_loader, runner.precision)
             self.set_modes()
-            self.last_acc = acc
-            metrics = {"a_step/syn_acc": acc, "a_step/lr_ib_mbm": opt.param_groups[0]["lr"],
+            acc = self.last_acc = accs["synergy"]
+            self.last_ensemble_acc = accs["ensemble"]
+            metrics = {f"{VAL_PREFIX}{name}_acc": value for name, value in accs.items()}
+            metrics.update({"a_step/syn_acc": acc, "a_step/lr_ib_mbm": opt.param_groups[0]["lr"],
                        "a_step/lr_synergy_head": opt.param_groups[1]["lr"],
                        "a_step/cccp_on": float(s.cccp_ramp(self.stage, e) > 0),
-                       "a_step/ib_kl_on": float(s.use_ib and s.kl_active(e)), "stage": self.stage + 1}
+                            "a_step/ib_kl_on": float(s.use_ib and s.kl_active(e)), "stage": self.stage + 1})
             if e == 0:
                 metrics.update(counts)
             if e == epochs - 1:
                 d.gate.syn_acc, d.gate.trained, d.gate.measured_stage = acc, True, self.stage
+                d.gate.ensemble_acc = accs["ensemble"]
+                d.gate.threshold = s.gate_threshold_for(accs["ensemble"])
                 metrics.update(d.gate.metrics())
             return metrics
 
@@ -291,6 +319,7 @@ class AStep:
         runner.run_aux_epochs("a_step", step_fn, params, opt, epochs, mix=False,
                               clamp=not s.disable_loss_clamp_in_a, extra_metrics=extra,
                               after_backward=lambda: runner.dist.average_gradients(params))
-        log.info("A-step of stage %d: validation synergy accuracy %.4f (gate threshold %.3f -> %s)",
-                 self.stage + 1, self.last_acc, s.gate_threshold, "open" if d.gate.open else "closed")
+        log.info("A-step of stage %d: validation synergy accuracy %.4f, teacher ensemble %.4f "
+                 "(gate threshold %.4f -> %s)", self.stage + 1, self.last_acc, self.last_ensemble_acc,
+                 d.gate.threshold, "open" if d.gate.open else "closed")
         return self.last_acc

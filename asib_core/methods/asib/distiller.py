@@ -40,6 +40,7 @@ and the detached IB ``mu``, with ``feat_kd_clip`` capping the per-dimension mean
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +88,7 @@ class ASIB(Distiller):
         self._check_teacher_keys(cfg)
         self.stage_epochs = [int(e) for e in cfg.get("student_epochs_per_stage") or [1]]
         self.num_classes = int(student.num_classes)
-        self.gate = GateState(threshold=s.gate_threshold)
+        self.gate = GateState(threshold=s.gate_threshold_for(math.nan))
         if s.hybrid_beta > 0 and self.ce_alpha + s.hybrid_beta > 1.0:
             # spec 3.6.9: the hybrid ensemble term takes its share from CE and KD
             self.ce_alpha *= 1.0 - s.hybrid_beta
@@ -195,6 +196,15 @@ class ASIB(Distiller):
         return [f if getattr(t, "distill_adapter", None) is None else t.distill_adapter(f)
                 for t, f in zip(self.teachers, feats)]
 
+    def teacher_logits(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The teachers' logits of already computed ``feat_2d`` (eval mode: the head dropout is off)."""
+        return [t.classifier(t.head_drop(f)) for t, f in zip(self.teachers, feats)]
+
+    @property
+    def ensemble_mode(self) -> str:
+        """The B-step's ensemble target: ``weighted_conf`` behind ``synergy``/``auto``, else ``kd_target``."""
+        return "weighted_conf" if self.settings.uses_synergy_target else self.settings.kd_target
+
     @torch.no_grad()
     def synergy_logits(self, x: torch.Tensor, teacher_feats: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Evaluation synergy prediction ``head(mu)`` (callers set eval mode); with
@@ -269,7 +279,8 @@ class ASIB(Distiller):
         syn_teaches = gate_open and s.uses_synergy_target and kd_w > 0
         feat_on = gate_open and s.feat_kd_alpha > 0
         hybrid_on = s.hybrid_beta > 0
-        stats = {"gate/open": float(gate_open), "kd/tau": ctx.tau, "kd/syn_ratio": 0.0}
+        stats = {"gate/open": float(gate_open), "kd/tau": ctx.tau, "kd/syn_ratio": 0.0,
+                 "b_step/syn_share": 0.0, "b_step/syn_kd_weight_share": 0.0}
         if self.gate.syn_acc == self.gate.syn_acc:
             stats["gate/syn_acc"] = self.gate.syn_acc
         if kd_w <= 0 and not feat_on and not hybrid_on:
@@ -295,7 +306,7 @@ class ASIB(Distiller):
 
         if kd_w > 0:
             tau = ctx.tau
-            ens_mode = "weighted_conf" if s.uses_synergy_target else s.kd_target
+            ens_mode = self.ensemble_mode
             tlogits = [o["logit"] if o is not None else None for o in touts]
             if not need_all:  # teacher mode without extras: only teacher k ran
                 tlogits = [t if t is not None else tlogits[k] for t in tlogits]
@@ -320,8 +331,10 @@ class ASIB(Distiller):
                 k_vec = torch.where(choose, k_syn, k_vec)
                 if cw is not None:
                     weight = weight * cw
-                stats.update({"kd/syn_ratio": float(choose.float().mean()), "kd/tau_syn": tau_s,
-                              "kd/ens_alpha": a})
+                share = float(choose.float().mean())
+                weight_share = float((weight * choose).sum() / weight.sum().clamp_min(1e-12))
+                stats.update({"kd/syn_ratio": share, "kd/tau_syn": tau_s, "kd/ens_alpha": a,
+                              "b_step/syn_share": share, "b_step/syn_kd_weight_share": weight_share})
             kd_raw = (weight * k_vec).mean()
             losses["kd"] = kd_w * kd_raw          # the engine applies kd_max_ratio to this term
             stats["kd/raw"] = float(kd_raw.detach())

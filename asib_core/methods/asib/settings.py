@@ -13,6 +13,7 @@ from asib_core.config.errors import ConfigError
 
 KD_TARGETS = ("teacher", "avg", "weighted_conf", "synergy", "auto")
 SYNERGY_TARGETS = ("synergy", "auto")
+GATE_MODES = ("absolute", "ensemble")
 FEATURE_KEYS = ("distill_feat", "feat_2d")
 ROLES = ("student", "teacher1", "teacher2")
 
@@ -90,7 +91,8 @@ class ASIBSettings:
     # -- B-step ---------------------------------------------------------------
     ce_label_smoothing: float
     kd_target: str
-    gate_threshold: float
+    gate_threshold: float     # enable_kd_after_syn_acc (a fraction)
+    gate_mode: str            # synergy_gate_mode: absolute | ensemble
     kd_ens_alpha: float
     kd_ens_alpha_max: float | None
     kd_ens_epochs: int        # teacher_adapt_kd_warmup: B-step epochs per stage with the ensemble mixed in
@@ -178,13 +180,21 @@ class ASIBSettings:
             return start
         return start + (end - start) * min(epoch_in_stage, stage_epochs - 1) / (stage_epochs - 1)
 
-    def a_kd_open(self, epoch: int, syn_acc: float) -> bool:
+    def gate_threshold_for(self, ensemble_acc: float) -> float:
+        """The synergy gate's threshold: ``enable_kd_after_syn_acc`` (``synergy_gate_mode:
+        absolute``), or the teacher ensemble's validation accuracy measured in the same pass
+        (``ensemble``; NaN before any measurement, which keeps the gate closed)."""
+        return float(ensemble_acc) if self.gate_mode == "ensemble" else self.gate_threshold
+
+    def a_kd_open(self, epoch: int, syn_acc: float, ensemble_acc: float = math.nan) -> bool:
         """Spec 3.4 step 4: the A-step KD toward the student is on after the window, with a
-        positive weight, when the threshold is 0 or the latest validation synergy accuracy
-        ``syn_acc`` (NaN: none measured yet, read as 0) reaches it."""
+        positive weight, when the threshold (:meth:`gate_threshold_for` of the latest ensemble
+        accuracy ``ensemble_acc``) is 0 or the latest validation synergy accuracy ``syn_acc``
+        (NaN: none measured yet, read as 0) reaches it."""
         acc = 0.0 if syn_acc != syn_acc else syn_acc
+        threshold = self.gate_threshold_for(ensemble_acc)
         return (epoch >= self.window and self.a_kd_alpha > 0
-                and (self.gate_threshold <= 0 or acc >= self.gate_threshold))
+                and (threshold <= 0 or acc >= threshold))
 
     def freeze_level(self, role: str, stage: int) -> int:
         if not self.use_partial_freeze:
@@ -248,6 +258,9 @@ class ASIBSettings:
                 raise ConfigError(f"enable_kd_after_syn_acc={threshold} must be a fraction in [0, 1] "
                                   "(or a percentage <= 100).")
             threshold = threshold / 100.0
+        gate_mode = str(cfg.get("synergy_gate_mode") or "absolute")
+        if gate_mode not in GATE_MODES:
+            raise ConfigError(f"synergy_gate_mode='{gate_mode}' is not known; use one of {', '.join(GATE_MODES)}.")
 
         ens = _float(cfg, "kd_ens_alpha", 0.0) or 0.0
         ens_max = _float(cfg, "kd_ens_alpha_max", None)
@@ -338,6 +351,7 @@ class ASIBSettings:
             ce_label_smoothing=_float(cfg, "ce_label_smoothing", 0.0) or 0.0,
             kd_target=kd_target,
             gate_threshold=threshold,
+            gate_mode=gate_mode,
             kd_ens_alpha=ens,
             kd_ens_alpha_max=ens_max,
             kd_ens_epochs=_int(cfg, "teacher_adapt_kd_warmup", 0),

@@ -133,12 +133,15 @@ def kd_vector(student_logits: torch.Tensor, probs: torch.Tensor, tau: float) -> 
 @dataclass
 class GateState:
     """The synergy gate: open iff the synergy was trained by an A-step and its last
-    validation accuracy reaches ``threshold``."""
+    validation accuracy reaches ``threshold`` (NaN: not measured, closed). ``threshold`` is
+    ``enable_kd_after_syn_acc``, or with ``synergy_gate_mode: ensemble`` the teacher ensemble's
+    validation accuracy ``ensemble_acc`` of the same pass (``ASIBSettings.gate_threshold_for``)."""
 
     threshold: float
     syn_acc: float = math.nan
     trained: bool = False
     measured_stage: int = -1
+    ensemble_acc: float = math.nan
 
     @property
     def open(self) -> bool:
@@ -146,13 +149,17 @@ class GateState:
 
     def metrics(self) -> dict:
         return {"gate/open": float(self.open), "gate/syn_acc": self.syn_acc,
-                "gate/threshold": self.threshold, "gate/synergy_trained": float(self.trained)}
+                "gate/threshold": self.threshold, "gate/synergy_trained": float(self.trained),
+                "gate/ensemble_acc": self.ensemble_acc}
 
     def as_dict(self) -> dict:
         return {"syn_acc": float(self.syn_acc), "trained": bool(self.trained),
-                "measured_stage": int(self.measured_stage)}
+                "measured_stage": int(self.measured_stage), "threshold": float(self.threshold),
+                "ensemble_acc": float(self.ensemble_acc)}
 
     def load(self, state: dict) -> None:
         self.syn_acc = float(state.get("syn_acc", math.nan))
         self.trained = bool(state.get("trained", False))
         self.measured_stage = int(state.get("measured_stage", -1))
+        self.threshold = float(state.get("threshold", self.threshold))
+        self.ensemble_acc = float(state.get("ensemble_acc", math.nan))

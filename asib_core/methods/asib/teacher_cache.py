@@ -49,7 +49,7 @@ class TeacherFeatureCache:
         self.clear()
         filling = not self._disabled
         for x, y, *_ in loader:
-            feats = _teacher_feats(teachers, x, precision)
+            feats = teacher_features(teachers, x, precision)
             if filling:
                 self._labels.append(y.clone())
                 self._feats.append(feats)
@@ -70,10 +70,11 @@ class TeacherFeatureCache:
                 log.info("teacher feature cache: the loader's samples changed; the next pass rebuilds it")
                 self.clear()
                 live = True
-            yield x, y, (_teacher_feats(teachers, x, precision) if live else feats[i])
+            yield x, y, (teacher_features(teachers, x, precision) if live else feats[i])
 
 
 @torch.no_grad()
-def _teacher_feats(teachers, x: torch.Tensor, precision) -> list[torch.Tensor]:
+def teacher_features(teachers, x: torch.Tensor, precision=None) -> list[torch.Tensor]:
+    """The teachers' ``feat_2d`` of ``x`` (callers set the modes), under ``precision``'s autocast."""
     with autocast_for(precision):
         return [teacher(x)["feat_2d"] for teacher in teachers]
