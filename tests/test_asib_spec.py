@@ -4,6 +4,7 @@ digits run."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import logging
 
 import pytest
@@ -382,3 +383,128 @@ def test_use_teacher_finetuning_trains_the_unfrozen_teacher_part_in_the_a_step(t
         assert all(p.requires_grad is False for p in teacher.parameters())             # frozen again
     state = d.checkpoint_state()
     assert any(k.startswith("teachers.0.") and "distill_adapter" not in k for k in state)
+
+
+# -- per-epoch logging: validation accuracies per A-step epoch, synergy shares per B-step epoch ---
+def _hand_weighted_conf(tlogits):
+    conf = torch.stack([F.softmax(t, 1).amax(1) for t in tlogits], 1)
+    w = conf / conf.sum(1, keepdim=True)
+    return sum(w[:, i:i + 1] * F.softmax(t, 1) for i, t in enumerate(tlogits))
+
+
+@torch.no_grad()
+def _hand_val_accuracies(d, loader):
+    d.eval()
+    right = {k: 0 for k in ("synergy", "teacher1", "teacher2", "ensemble", "oracle")}
+    seen = 0
+    for x, y, _ in loader:
+        touts = [t(x) for t in d.teachers]
+        mu = d.ib_mbm(d.student(x)["distill_feat"], [o["distill_feat"] for o in touts]).mu
+        hits = [o["logit"].argmax(1) == y for o in touts]
+        right["synergy"] += int((d.synergy_head(mu).argmax(1) == y).sum())
+        right["teacher1"] += int(hits[0].sum())
+        right["teacher2"] += int(hits[1].sum())
+        right["ensemble"] += int((_hand_weighted_conf([o["logit"] for o in touts]).argmax(1) == y).sum())
+        right["oracle"] += int((hits[0] | hits[1]).sum())
+        seen += int(y.shape[0])
+    return {k: v / seen for k, v in right.items()}
+
+
+@torch.no_grad()
+def _hand_synergy_shares(d, batch):
+    """``auto``, unmixed batch: the samples whose synergy label-CE is not above the ensemble's,
+    and their share of the certainty weights clamp(m / mean m, min_cw, max_cw)."""
+    s = d.settings
+    flags = [m.training for m in d.student.modules()]
+    d.student.eval()
+    query = d.student(batch.x)["distill_feat"]
+    for m, flag in zip(d.student.modules(), flags):
+        m.training = flag
+    touts = [t(batch.x) for t in d.teachers]
+    ib = d.ib_mbm(query, [o["distill_feat"] for o in touts])
+    syn_ce = F.cross_entropy(d.synergy_head(ib.mu), batch.y, reduction="none")
+    ens_ce = -torch.log(_hand_weighted_conf([o["logit"] for o in touts]).gather(1, batch.y[:, None])).squeeze(1)
+    choose = (syn_ce <= ens_ce).float()
+    m = (1.0 / ib.std ** 2).mean(1)
+    cw = (m / m.mean()).clamp(s.min_cw, s.max_cw)
+    return float(choose.mean()), float((cw * choose).sum() / cw.sum())
+
+
+def test_per_epoch_accuracies_and_synergy_shares_are_logged_in_the_store(workdir, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from asib_core.tracking import configure_tracking, open_run
+
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    cfg = asib_cfg("L1_ib", ["experiment.num_stages=1", "experiment.student_epochs_per_stage=[1]",
+                             "experiment.teacher_adapt_epochs=1", "experiment.enable_kd_after_syn_acc=0",
+                             "experiment.kd_target=auto", "experiment.mixup_alpha=0",
+                             "experiment.cutmix_alpha_distill=0", "experiment.dataset.batch_size=8"])
+    run, d = make_run(cfg, tiny_data(cfg, per_class=3, val_split=0.05), None, workdir)
+    hand_acc, hand_shares = {}, []
+    stage_start, forward_train = d.stage_start, d.forward_train
+
+    def spy_stage_start(stage, runner):
+        stage_start(stage, runner)
+        hand_acc.update(_hand_val_accuracies(d, runner.val_loader))
+
+    def spy_forward_train(batch, ctx):
+        out = forward_train(batch, ctx)      # its train-mode forward moves the BN statistics the IB query reads
+        hand_shares.append(_hand_synergy_shares(d, batch))
+        return out
+
+    d.stage_start, d.forward_train = spy_stage_start, spy_forward_train
+    configure_tracking()
+    with open_run(experiment="asib-logging", run_name="tiny", tags={}) as handle:
+        run.tracker = handle
+        run.fit()
+    client = MlflowClient()
+
+    def logged(key):
+        return [(m.step, m.value) for m in client.get_metric_history(handle.run_id, key)]
+
+    for name, value in hand_acc.items():                       # the A-step epoch is step 0
+        assert logged(f"a_step_val/{name}_acc") == [(0, pytest.approx(value, abs=1e-9))], name
+    assert logged("a_step/syn_acc")[0][1] == logged("a_step_val/synergy_acc")[0][1]
+    assert logged("gate/open")[0] == (0, 1.0) and len(hand_shares) == len(run.train_loader) >= 2
+    share, weight_share = (sum(v) / len(hand_shares) for v in zip(*hand_shares))   # means over batches
+    assert logged("b_step/syn_share") == [(1, pytest.approx(share, abs=1e-6))]
+    assert logged("b_step/syn_kd_weight_share") == [(1, pytest.approx(weight_share, abs=1e-6))]
+    assert 0.0 < share < 1.0                  # auto: a share that depends on the samples
+
+
+# -- the relative gate option -------------------------------------------------------------------
+def test_the_gate_decision_in_both_modes_on_fixed_values():
+    from asib_core.methods.asib.targets import GateState
+
+    absolute = ASIBSettings.from_cfg(asib_cfg("L1_ib"))                       # threshold 0.8
+    relative = ASIBSettings.from_cfg(asib_cfg("L1_ib", ["experiment.synergy_gate_mode=ensemble"]))
+    assert absolute.gate_mode == "absolute"                                   # the default
+
+    def gate(settings, syn, ens):
+        return GateState(threshold=settings.gate_threshold_for(ens), syn_acc=syn, trained=True,
+                         ensemble_acc=ens).open
+
+    assert [gate(absolute, 0.79, 0.5), gate(absolute, 0.80, 0.95)] == [False, True]
+    assert [gate(relative, 0.79, 0.78), gate(relative, 0.80, 0.95), gate(relative, 0.9, 0.9)] == [True, False, True]
+    assert not gate(relative, 0.9, math.nan)                                  # no ensemble measured yet
+    # the A-step KD toward the student: the same rule against the latest measurements
+    assert absolute.a_kd_open(3, 0.85, 0.9) and not relative.a_kd_open(3, 0.85, 0.9)
+    assert relative.a_kd_open(3, 0.9, 0.85) and not relative.a_kd_open(3, 0.9)
+    with pytest.raises(ConfigError, match="synergy_gate_mode='relative'"):
+        ASIBSettings.from_cfg(asib_cfg("L1_ib", synergy_gate_mode="relative"))
+
+
+def test_the_ensemble_gate_takes_the_ensemble_accuracy_measured_after_the_a_step(tmp_path):
+    from asib_core.methods.asib.a_step import AStep
+
+    cfg = asib_cfg("L1_ib", ["experiment.num_stages=1", "experiment.student_epochs_per_stage=[1]",
+                             "experiment.teacher_adapt_epochs=1", "experiment.synergy_gate_mode=ensemble",
+                             "experiment.dataset.batch_size=16"])
+    run, d = make_run(cfg, tiny_data(cfg, per_class=2, val_split=0.05), None, tmp_path)
+    run.log_metrics = lambda metrics, step=None: None
+    AStep(d, 0, run).run()
+    hand = _hand_val_accuracies(d, run.val_loader)
+    assert d.gate.threshold == d.gate.ensemble_acc == pytest.approx(hand["ensemble"], abs=1e-9)
+    assert d.gate.open == (hand["synergy"] >= hand["ensemble"])
+    assert d.gate.threshold != 0.8 or hand["ensemble"] == 0.8
