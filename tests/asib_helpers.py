@@ -63,12 +63,12 @@ def asib_cfg(exp: str, overrides: list[str] | tuple = (), **direct) -> dict:
     return cfg
 
 
-def tiny_data(cfg: dict, per_class: int = 4, val_split: float | None = None, seed: int = 0):
+def tiny_data(cfg: dict, per_class: int = 4, val_split: float | None = None, seed: int = 0, data_aug: int = 1):
     """Digits with a balanced ``per_class`` subset of the training part; the split (seed 0,
     ``VAL_SPLIT``) is the one the cached teachers were trained on, so validation images are
-    never teacher-training images."""
+    never teacher-training images. ``data_aug``: crop/flip augmentation of the training loader."""
     val_split = VAL_SPLIT if val_split is None else val_split
-    dcfg = {"seed": seed, "dataset": {"name": "digits", "root": "./data", "val_split": val_split, "data_aug": 1,
+    dcfg = {"seed": seed, "dataset": {"name": "digits", "root": "./data", "val_split": val_split, "data_aug": data_aug,
                                       "batch_size": int(cfg["dataset"]["batch_size"]),
                                       "train_per_class": per_class}}
     return build_data(dcfg, "cpu")

@@ -508,3 +508,34 @@ def test_the_ensemble_gate_takes_the_ensemble_accuracy_measured_after_the_a_step
     assert d.gate.threshold == d.gate.ensemble_acc == pytest.approx(hand["ensemble"], abs=1e-9)
     assert d.gate.open == (hand["synergy"] >= hand["ensemble"])
     assert d.gate.threshold != 0.8 or hand["ensemble"] == 0.8
+
+
+# -- the teachers' training features computed once per stage (frozen teachers, no augmentation) --
+@pytest.mark.parametrize("augment", [False, True])
+def test_a_step_reuses_the_teachers_training_features_only_for_unaugmented_images(tmp_path, monkeypatch, augment):
+    from asib_core.methods.asib import a_step
+
+    cfg = asib_cfg("L3_ib_cccp_tadapt", ["experiment.num_stages=1", "experiment.student_epochs_per_stage=[1]",
+                                         "experiment.teacher_adapt_epochs=2", "experiment.dataset.batch_size=12"])
+    build, losses = a_step.train_cache_for, a_step.a_step_losses
+    results = {}
+    for cached in (True, False):
+        monkeypatch.setattr(a_step, "train_cache_for", build if cached else (lambda *args: None))
+        run, d = make_run(cfg, tiny_data(cfg, per_class=4, val_split=0.02, data_aug=int(augment)), None,
+                          tmp_path / str(cached))
+        run.log_metrics = lambda metrics, step=None: None
+        train_calls, distinct = [], set()
+        d.teachers[0].register_forward_hook(lambda m, i, o: train_calls.append(i[0].shape[0]))
+        monkeypatch.setattr(a_step, "a_step_losses",
+                            lambda dd, batch, *args: (distinct.update(batch.idx.tolist()), losses(dd, batch, *args))[1])
+        a_step.AStep(d, 0, run).run()
+        results[cached] = (sum(train_calls) - len(run.data.val), (run.train_loader.num_samples, len(distinct)),
+                           {k: v for k, v in d.state_dict().items() if k.startswith(("ib_mbm.", "synergy_head."))
+                            or ".distill_adapter." in k})
+    (seen, (per_epoch, distinct), state), (live_seen, _, live_state) = results[True], results[False]
+    assert live_seen == 2 * per_epoch and distinct > per_epoch     # 36 of 40 per epoch (drop_last)
+    assert seen == (2 * per_epoch if augment else distinct)        # without augmentation: once per sample
+    assert state.keys() == live_state.keys() and any(".distill_adapter." in k for k in state)
+    # the same A-step as with live features, up to float rounding: a sample whose features are
+    # computed alone (not seen in the first epoch) differs in the last bits from one in a batch
+    assert all(torch.allclose(state[k], live_state[k], rtol=0, atol=1e-5) for k in state)

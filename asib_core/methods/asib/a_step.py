@@ -53,7 +53,7 @@ from asib_core.losses import cccp_loss, gaussian_kl
 
 from . import ppf
 from .targets import ensemble_target
-from .teacher_cache import teacher_features
+from .teacher_cache import teacher_features, train_cache_for
 
 log = logging.getLogger(__name__)
 ROLES = ("teacher1", "teacher2")
@@ -81,16 +81,20 @@ def param_l2(modules) -> torch.Tensor:
 
 
 def a_step_losses(distiller, batch, stage: int, epoch: int, syn_acc: float = math.nan,
-                  ensemble_acc: float = math.nan):
+                  ensemble_acc: float = math.nan, feature_cache=None):
     """One A-step batch: ``(synergy logits, {name: weighted loss})``; records diagnostics.
     ``syn_acc`` / ``ensemble_acc``: the latest validation synergy / teacher-ensemble accuracy
-    (they gate the KD toward the student)."""
+    (they gate the KD toward the student); ``feature_cache``: a ``TrainFeatureCache`` of the
+    teachers' features (only where it is valid, ``train_cache_for``)."""
     s = distiller.settings
     with torch.no_grad():
         sout = distiller.student(batch.x)
     query = sout[s.feat_kd_key].detach()
     student_logits = sout["logit"].detach()
-    tokens = distiller.teacher_tokens(batch.x, a_step=True)
+    if feature_cache is not None:
+        tokens = distiller.tokens_from_features(feature_cache.features(distiller.teachers, batch.x, batch.idx))
+    else:
+        tokens = distiller.teacher_tokens(batch.x, a_step=True)
     ib = distiller.ib_mbm(query, tokens)
     syn = distiller.synergy_head(ib.z)
     in_window = epoch < s.window
@@ -289,11 +293,12 @@ class AStep:
         params = [p for g in opt.param_groups for p in g["params"]]
         counts = self.trainable_counts()
         epochs = s.adapt_epochs
+        cache = train_cache_for(s, runner.train_loader)
 
         def step_fn(batch, e):
             measured = self.last_acc == self.last_acc
             return a_step_losses(d, batch, self.stage, e, self.last_acc if measured else d.gate.syn_acc,
-                                 self.last_ensemble_acc if measured else d.gate.ensemble_acc)
+                                 self.last_ensemble_acc if measured else d.gate.ensemble_acc, cache)
 
         def extra(e):
             runner.dist.broadcast_states(self.trained_modules(), buffers_only=True)

@@ -73,6 +73,64 @@ class TeacherFeatureCache:
             yield x, y, (teacher_features(teachers, x, precision) if live else feats[i])
 
 
+class TrainFeatureCache:
+    """The teachers' ``feat_2d`` of training samples, by dataset index, for one A-step.
+
+    Valid only while a sample's input and the teachers' function are the same every epoch:
+    frozen teacher backbones in eval mode (not ``use_teacher_finetuning``) and a training loader
+    without augmentation (augmented images differ per epoch; :func:`train_cache_for` decides).
+    The first epoch computes and stores each sample's features; later epochs read them. Past
+    ``max_bytes`` the cache is not built and the teachers run on every batch (said in the log).
+    """
+
+    def __init__(self, num_samples: int, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.num_samples = int(num_samples)
+        self.max_bytes = int(max_bytes)
+        self._feats: list[torch.Tensor] | None = None
+        self._filled = torch.zeros(self.num_samples, dtype=torch.bool)
+        self._disabled = False
+
+    @torch.no_grad()
+    def features(self, teachers, x: torch.Tensor, idx: torch.Tensor) -> list[torch.Tensor]:
+        """The teachers' ``feat_2d`` of the batch ``x`` (dataset indices ``idx``): stored rows
+        are read, the teachers run only on the samples not stored yet (eval mode: a sample's
+        features do not depend on the rest of its batch)."""
+        where = idx.cpu()
+        if self._feats is not None:
+            missing = ~self._filled[where]
+            if not bool(missing.any()):
+                return [f[idx.to(f.device)] for f in self._feats]
+            rows = missing.nonzero().squeeze(1)
+            new = teacher_features(teachers, x[rows.to(x.device)])
+            for store, f in zip(self._feats, new):
+                store[idx[rows.to(idx.device)].to(store.device)] = f
+            self._filled[where[rows]] = True
+            return [f[idx.to(f.device)] for f in self._feats]
+        feats = teacher_features(teachers, x)
+        if self._disabled:
+            return feats
+        if self._feats is None:
+            nbytes = sum(self.num_samples * f[0].numel() * f.element_size() for f in feats)
+            if nbytes > self.max_bytes:
+                log.info("A-step teacher feature cache: %.1f GiB needed, over %.1f GiB; the teachers run on "
+                         "every batch", nbytes / 2**30, self.max_bytes / 2**30)
+                self._disabled = True
+                return feats
+            self._feats = [f.new_zeros((self.num_samples, *f.shape[1:])) for f in feats]
+        for store, f in zip(self._feats, feats):
+            store[idx.to(store.device)] = f
+        self._filled[where] = True
+        return feats
+
+
+def train_cache_for(settings, loader) -> TrainFeatureCache | None:
+    """A :class:`TrainFeatureCache` for ``loader`` (the training loader) when it is valid
+    (frozen teachers, un-augmented training images), else None."""
+    if settings.use_teacher_finetuning or getattr(loader, "augment", True):
+        return None
+    return TrainFeatureCache(loader.dataset_size)
+
+
 @torch.no_grad()
 def teacher_features(teachers, x: torch.Tensor, precision=None) -> list[torch.Tensor]:
     """The teachers' ``feat_2d`` of ``x`` (callers set the modes), under ``precision``'s autocast."""
