@@ -516,7 +516,7 @@ def test_a_step_reuses_the_teachers_training_features_only_for_unaugmented_image
     from asib_core.methods.asib import a_step
 
     cfg = asib_cfg("L3_ib_cccp_tadapt", ["experiment.num_stages=1", "experiment.student_epochs_per_stage=[1]",
-                                         "experiment.teacher_adapt_epochs=2", "experiment.dataset.batch_size=12"])
+                                         "experiment.teacher_adapt_epochs=3", "experiment.dataset.batch_size=12"])
     build, losses = a_step.train_cache_for, a_step.a_step_losses
     results = {}
     for cached in (True, False):
@@ -533,8 +533,10 @@ def test_a_step_reuses_the_teachers_training_features_only_for_unaugmented_image
                            {k: v for k, v in d.state_dict().items() if k.startswith(("ib_mbm.", "synergy_head."))
                             or ".distill_adapter." in k})
     (seen, (per_epoch, distinct), state), (live_seen, _, live_state) = results[True], results[False]
-    assert live_seen == 2 * per_epoch and distinct > per_epoch     # 36 of 40 per epoch (drop_last)
-    assert seen == (2 * per_epoch if augment else distinct)        # without augmentation: once per sample
+    # 36 of the 40 samples per epoch (drop_last): the teachers run on some alone in epochs 2-3,
+    # and at least two batches of epoch 3 read every row from the cache
+    assert live_seen == 3 * per_epoch and per_epoch < distinct <= per_epoch + 4
+    assert seen == (3 * per_epoch if augment else distinct)        # without augmentation: once per sample
     assert state.keys() == live_state.keys() and any(".distill_adapter." in k for k in state)
     # the same A-step as with live features, up to float rounding: a sample whose features are
     # computed alone (not seen in the first epoch) differs in the last bits from one in a batch

@@ -1,4 +1,6 @@
-"""Teacher backbone features of the validation loader, computed once per run.
+"""Teacher backbone features kept while they cannot change: the validation loader's
+(``TeacherFeatureCache``, once per run) and the A-step's training samples
+(``TrainFeatureCache``, once per stage, only without augmentation).
 
 The A-step measures the synergy's validation accuracy after every epoch, and each
 measurement runs both teachers over the whole validation split. Unless
