@@ -28,6 +28,10 @@ every epoch the synergy accuracy on the validation split is measured (``a_step/s
 the value after the last epoch sets the gate. There is no rollback and no best-snapshot
 restore (a best-accuracy snapshot would systematically discard the CCCP epochs).
 
+The teachers' ``feat_2d`` of the training samples is computed once per stage when it cannot
+change between epochs (frozen teacher backbones, a training loader without augmentation:
+``teacher_cache.train_cache_for``); otherwise the teachers run on every batch.
+
 Data parallelism (torchrun): these modules are trained outside the DDP module, so the A-step
 synchronises them itself: rank 0's parameters and buffers are broadcast at its start, every
 gradient is averaged over the ranks after each backward (as DDP does), and the buffers (BN
