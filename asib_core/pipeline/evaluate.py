@@ -90,6 +90,12 @@ def confusion_figure(logits, labels, class_names):
     return fig
 
 
+def deployed_parameters(module) -> int:
+    """Parameters of the deployed network: the student, with SimKD's projector and teacher head."""
+    deployed = module.deployed_model() if hasattr(module, "deployed_model") else getattr(module, "student", module)
+    return count_parameters(deployed)
+
+
 def flops_per_image(model_fn, device) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -194,7 +200,7 @@ def run_evaluate(run_id: str, *, parent_run_id: str | None = None) -> StepResult
         t_logits, _ = collect_logits(lambda x, t=teacher: t(x)["logit"], loader, precision)
         metrics[f"test/agreement_teacher{i}"] = float((t_logits.argmax(1) == logits.argmax(1)).float().mean())
         metrics[f"test/teacher{i}_top1"] = float((t_logits.argmax(1) == labels).float().mean())
-    deployed_params = count_parameters(getattr(module, "student", module))
+    deployed_params = deployed_parameters(module)
     metrics.update({"params": float(deployed_params), "flops_per_image": flops_per_image(model_fn, device),
                     "inference_img_per_s": inference_rate(model_fn, loader)})
     tags = run_tags({**cfg, "exp": cfg.get("exp", cfg.get("recipe", ""))}, "evaluate",
