@@ -25,13 +25,25 @@ from torch import nn
 
 @dataclass
 class Batch:
-    """One training batch after mixing (``lam == 1`` when no Mixup/CutMix)."""
+    """One training batch after mixing (``lam == 1`` when no Mixup/CutMix).
+
+    ``x_clean`` holds the images before mixing and ``perm`` the partner permutation
+    (``y_b = y[perm]``) when the engine mixed the batch; both None otherwise."""
 
     x: torch.Tensor
     y: torch.Tensor
     idx: torch.Tensor
     y_b: torch.Tensor | None = None
     lam: float = 1.0
+    x_clean: torch.Tensor | None = None
+    perm: torch.Tensor | None = None
+
+    def mix(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """A per-sample quantity of the clean images mixed like the labels:
+        ``lam * v + (1 - lam) * v[perm]`` (``v`` unchanged without mixing)."""
+        if self.perm is None or self.lam >= 1.0:
+            return per_sample
+        return self.lam * per_sample + (1.0 - self.lam) * per_sample.index_select(0, self.perm)
 
     def ce(self, logits: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         """Cross-entropy against the (possibly mixed) labels."""
@@ -152,3 +164,19 @@ class Distiller(nn.Module):
 
     def load_deploy_state(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
+
+    def deployed_model(self) -> nn.Module:
+        """The deployable network: a module whose ``forward(x)`` is :meth:`forward_test`,
+        without the teachers (it shares its sub-modules with this distiller)."""
+        return StudentLogits(self.student)
+
+
+class StudentLogits(nn.Module):
+    """A student as a plain classifier: images in, logits out (its ``logit`` output)."""
+
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.student = student
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)["logit"]

@@ -229,8 +229,8 @@ def main() -> None:
                                        help="enable_kd_after_syn_acc for every rung (default: the seed's)")
     sub.choices["ladder"].add_argument(
         "--ppf-off", action="store_true",
-        help="L0-L3 without the PPF that method/asib.yaml fills in (use_partial_freeze: true, "
-             "student_freeze_level: 1, which freezes most of a scratch student); L4 keeps its own schedule")
+        help="L0-L3 with use_partial_freeze=false passed explicitly (their effective value since base "
+             "counts as set at experiment level, docs/asib.md section 5); L4 keeps its own schedule")
     sw = sub.choices["sweep"]
     sw.add_argument("--exp", default="L1_ib")
     sw.add_argument("--space", default="default")

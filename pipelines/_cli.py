@@ -31,6 +31,37 @@ def parse_exp_args(argv: list[str], default_exp: str | None = None) -> tuple[str
     return exp, overrides
 
 
+HELP_FLAGS = ("--help", "-h", "help")
+
+
+def exit_on_help(argv: list[str], doc: str | None, entry_point: str) -> None:
+    """With ``--help`` (or ``-h``) anywhere in argv: print the entry point's usage (its module
+    docstring) and its MLproject parameters, then exit 0, before anything else happens."""
+    if not any(item in HELP_FLAGS for item in argv):
+        return
+    print("usage:\n" + (doc or "").strip("\n"))
+    params = mlproject_parameters(entry_point)
+    if params:
+        print(f"\nparameters (as NAME=VALUE; `mlflow run . -e {entry_point} -P NAME=VALUE`):")
+        for name, spec in params.items():
+            default = spec.get("default", "(required)") if isinstance(spec, dict) else "(required)"
+            print(f"  {name:<20} default: {default!r}" if default != "(required)" else f"  {name:<20} (required)")
+    raise SystemExit(0)
+
+
+def mlproject_parameters(entry_point: str) -> dict:
+    """The parameters the MLproject file declares for ``entry_point`` ({} without the file)."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "MLproject"
+    if not path.is_file():
+        return {}
+    spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return dict((spec.get("entry_points", {}).get(entry_point) or {}).get("parameters") or {})
+
+
 def enter_workdir() -> None:
     """``mlflow run`` starts entry points in the project directory; a chained step runs in
     the directory its ``main`` was started from (``$ASIB_WORKDIR``), where relative paths

@@ -11,14 +11,16 @@ from __future__ import annotations
 import json
 import sys
 
-from pipelines._cli import parse_exp_args, user_errors
+from pipelines._cli import exit_on_help, parse_exp_args, user_errors
 
 
 def main(argv: list[str] | None = None) -> int:
     from asib_core.config import resolve_experiment
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    exit_on_help(argv, __doc__, "config")
     with user_errors():
-        exp, overrides = parse_exp_args(sys.argv[1:] if argv is None else argv)
+        exp, overrides = parse_exp_args(argv)
         resolved = resolve_experiment(exp, overrides, for_run=False)
         for note in resolved.notes:
             print(f"note: {note}", file=sys.stderr)

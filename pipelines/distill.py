@@ -1,18 +1,22 @@
 """Entry point ``distill``: distil the experiment's student from its teachers.
 
-    python -m pipelines.distill exp=L1_ib [overrides...]
+    python -m pipelines.distill exp=L1_ib [overrides="experiment.KEY=VALUE method=NAME ..."] [nproc=1]
     python -m pipelines.distill exp=L1_ib nproc=4      (data-parallel, re-launched under torchrun)
+
+``exp`` names configs/experiment/<exp>.yaml; the overrides (also given one by one) are Hydra
+overrides (docs/configuration.md). The run logs its student as an MLflow model (``runs:/<id>/model``).
 """
 from __future__ import annotations
 
 import sys
 
-from pipelines._cli import parse_exp_args, relaunch_distributed, user_errors
+from pipelines._cli import exit_on_help, parse_exp_args, relaunch_distributed, user_errors
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    exit_on_help(argv, __doc__, "distill")
     with user_errors():
-        argv = list(sys.argv[1:] if argv is None else argv)
         relaunch_distributed(argv, "pipelines.distill")
         exp, overrides = parse_exp_args(argv)
         from asib_core.pipeline.distill import run_distill  # heavy: after the arguments are checked

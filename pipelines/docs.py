@@ -82,6 +82,13 @@ keys with dots: `experiment.dataset.batch_size=128`); groups are switched with `
 `schedule=NAME`, `method=NAME`, `student=NAME`, `teacher1=NAME`, `teacher2=NAME`,
 `anchor=fair_baseline`, `method_preset=NAME`, and the seed with `seed=N`. Fine-tuning recipe keys
 are overridden as `KEY=VALUE`.
+
+**Precedence.** A key set by the experiment file, by `configs/base.yaml` (composed into the
+experiment node) or by an `experiment.*` override counts as set at experiment level; the method
+file fills only the keys none of them sets. So: override > experiment file > base > method file
+for keys base sets, and override > experiment file > method file otherwise. An anchor
+(`anchor=fair_baseline`) is merged over the result; `project_defaults.yaml` fills what is still
+unset.
 """
 
 

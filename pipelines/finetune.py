@@ -1,13 +1,15 @@
 """Entry point ``finetune``: train a teacher with its configs/finetune recipe.
 
-    python -m pipelines.finetune teacher=resnet20 dataset=digits [overrides...]
+    python -m pipelines.finetune teacher=resnet20 dataset=digits [overrides="finetune_epochs=10 ..."]
+
+The recipe configs/finetune/<teacher>_<dataset>.yaml is used; overrides are KEY=VALUE.
 """
 from __future__ import annotations
 
 import shlex
 import sys
 
-from pipelines._cli import user_errors
+from pipelines._cli import exit_on_help, user_errors
 
 
 def parse(argv: list[str]) -> tuple[str, str, list[str]]:
@@ -30,8 +32,10 @@ def parse(argv: list[str]) -> tuple[str, str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    exit_on_help(argv, __doc__, "finetune")
     with user_errors():
-        teacher, dataset, overrides = parse(sys.argv[1:] if argv is None else argv)
+        teacher, dataset, overrides = parse(argv)
         from asib_core.pipeline.finetune import run_finetune  # heavy: after the arguments are checked
 
         result = run_finetune(teacher, dataset, overrides)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from pipelines._cli import user_errors
+from pipelines._cli import exit_on_help, user_errors
 
 OPTIONS = ("experiment", "filter", "group_by", "out")
 
@@ -28,8 +28,10 @@ def parse_args(argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    exit_on_help(argv, __doc__, "report")
     with user_errors():
-        args = parse_args(list(sys.argv[1:] if argv is None else argv))
+        args = parse_args(argv)
         from asib_core.report import run_report
 
         result = run_report(experiment=args.get("experiment") or None, filter_string=args.get("filter", ""),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from pipelines._cli import count_option, parse_exp_args, pop_option, user_errors
+from pipelines._cli import count_option, exit_on_help, parse_exp_args, pop_option, user_errors
 
 INTERRUPTED_EXIT = 130      # the shell's code for a process ended by SIGINT
 
@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def sweep(argv: list[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    exit_on_help(argv, __doc__, "sweep")
     with user_errors():
-        argv = list(sys.argv[1:] if argv is None else argv)
         counts = {name: count_option(argv, name, default)
                   for name, default in (("n_trials", 20), ("sampler_seed", 0), ("worker", 0),
                                         ("heartbeat", 60), ("max_retry", 2))}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,6 +36,17 @@ TEACHER_SEED = 1234
 VAL_SPLIT = 0.05   # 90 validation images: every validation pass costs three forwards
 
 _CFG_CACHE: dict = {}
+
+
+@contextmanager
+def single_torch_thread():
+    """Torch on one intra-op thread for the block (the tests' CPU rule), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def asib_cfg(exp: str, overrides: list[str] | tuple = (), **direct) -> dict:

@@ -8,6 +8,9 @@ import pytest
 
 os.environ.setdefault("ASIB_NO_PROGRESS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# System metrics are on by default (asib_core/tracking/runs.py); their sampler threads would write
+# to the tests' sqlite stores next to the runs. Off here; tests/test_run_inputs.py checks the default.
+os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 
 
 @pytest.fixture
@@ -23,3 +26,26 @@ def workdir(tmp_path, monkeypatch):
     yield tmp_path
     while mlflow.active_run() is not None:
         mlflow.end_run()
+
+
+LEAK_GUARDED = ("ASIB_WORKDIR", "MLFLOW_RUN_ID", "ASIB_ARTIFACT_ROOT")
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_process_state():
+    """A test (or the code it calls in-process) must leave the working directory and the
+    variables that steer later commands as it found them: a leaked ``ASIB_WORKDIR`` once sent
+    every later in-process entry point into another test's directory."""
+    cwd, env = os.getcwd(), {key: os.environ.get(key) for key in LEAK_GUARDED}
+    yield
+    leaked = [f"cwd {cwd} -> {os.getcwd()}"] if os.getcwd() != cwd else []
+    leaked += [f"${key} {value!r} -> {os.environ.get(key)!r}" for key, value in env.items()
+               if os.environ.get(key) != value]
+    os.chdir(cwd)
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if leaked:
+        pytest.fail("the test left process state behind: " + "; ".join(leaked))

@@ -19,7 +19,7 @@ def env_for(workdir: Path) -> dict:
     env = dict(os.environ)
     env.update({"MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}", "ASIB_NO_PROGRESS": "1",
                 "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true"})
-    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+    for key in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "ASIB_WORKDIR"):
         env.pop(key, None)
     return env
 

@@ -130,20 +130,19 @@ def test_ib_mbm_logvar_clip_min_std_and_feature_norm():
 def test_window_beta_and_ramp_schedules_of_the_seed_ladder():
     l2 = ASIBSettings.from_cfg(asib_cfg("L2_cccp"))
     assert (l2.adapt_epochs, l2.synergy_only_epochs, l2.window) == (6, 6, 5)
-    # L2 takes teacher_adapt_kd_warmup 4 from the method file: one post-window epoch per stage
-    assert [l2.cccp_ramp(0, e) for e in range(6)] == [0, 0, 0, 0, 0, 0.25]
-    assert [l2.cccp_ramp(s, 5) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    # the CCCP ramp has its own key (cccp_ramp_epochs, default 2): one post-window epoch per stage
+    assert [l2.cccp_ramp(0, e) for e in range(6)] == [0, 0, 0, 0, 0, 0.5]
+    assert [l2.cccp_ramp(s, 5) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
     l3 = ASIBSettings.from_cfg(asib_cfg("L3_ib_cccp_tadapt"))
-    assert l3.window == 2 and l3.kl_epochs_per_stage == 4 and l3.cccp_warmup == 6
-    assert [l3.cccp_ramp(0, e) for e in range(6)] == pytest.approx([0, 0, 1 / 6, 2 / 6, 3 / 6, 4 / 6])
-    assert [l3.cccp_ramp(1, e) for e in range(2, 6)] == pytest.approx([5 / 6, 1, 1, 1])
+    assert l3.window == 2 and l3.kl_epochs_per_stage == 4 and l3.cccp_ramp_epochs == 2
+    assert [l3.cccp_ramp(0, e) for e in range(6)] == pytest.approx([0, 0, 1 / 2, 1, 1, 1])
     # beta: ib_beta 5e-5, warm-up 4 KL-epochs counted over the run, KL in epochs 2..5
     assert [l3.beta(0, e) for e in range(6)] == pytest.approx([0, 0, 1.25e-5, 2.5e-5, 3.75e-5, 5e-5])
     assert l3.beta(1, 2) == pytest.approx(5e-5)
     assert ASIBSettings.from_cfg(asib_cfg("L1_ib")).cccp_on is False
     sota = ASIBSettings.from_cfg(asib_cfg("sota_generic"))
     assert sota.kd_target == "auto" and sota.kl_epochs_per_stage == 0 and not sota.use_partial_freeze
-    assert sota.ens_alpha(0, 240) == pytest.approx(0.25) and sota.ens_alpha(239, 240) == pytest.approx(0.8)
+    assert sota.ens_alpha(0, 240) == 0.0 and sota.ens_alpha(239, 240) == 0.0   # base: kd_ens_alpha 0
 
 
 @pytest.mark.parametrize("changes, needle", [
@@ -210,8 +209,8 @@ def test_cccp_is_zero_in_the_window_and_nonzero_after_it_in_an_L2_a_step(tmp_pat
     cccp = [h["a_step/cccp"] for h in a_steps]
     assert cccp[:5] == [0.0] * 5 and cccp[5] > 0
     assert all(h["a_step/cccp_raw"] > 0 for h in a_steps)          # the distance itself is never 0
-    # cccp_alpha 0.2 times the ramp 1/4 (teacher_adapt_kd_warmup 4, first post-window epoch)
-    assert cccp[5] == pytest.approx(0.2 * 0.25 * a_steps[5]["a_step/cccp_raw"], rel=1e-6)
+    # cccp_alpha 0.2 times the ramp 1/2 (cccp_ramp_epochs 2, first post-window epoch)
+    assert cccp[5] == pytest.approx(0.2 * 0.5 * a_steps[5]["a_step/cccp_raw"], rel=1e-6)
     assert a_steps[5]["a_step/loss"] == pytest.approx(a_steps[5]["a_step/syn_ce"] + cccp[5], rel=1e-6)
     assert "a_step/ib_kl" not in a_steps[5]                        # L2: use_ib false
 
@@ -329,13 +328,16 @@ def _hand_kd(d, batch, tau, ens_alpha, gate_open, auto=False):
         k_ens = soft_target_kd_loss(out["logit"], q_ens, tau, reduction="none")
         if not gate_open:
             return float(k_ens.mean()), 0.0
-        ib = d.ib_mbm(out["distill_feat"], [o["distill_feat"] for o in touts])
+        d.student.eval()                              # the IB query: eval-mode student features
+        query = d.student(batch.x)["distill_feat"]
+        d.student.train()
+        ib = d.ib_mbm(query, [o["distill_feat"] for o in touts])
         z = d.synergy_head(ib.mu)
         tau_s = s.tau_syn
         probs_s = [F.softmax(o["logit"] / tau_s, 1) for o in touts]
         q_ens_s = w[:, :1] * probs_s[0] + w[:, 1:] * probs_s[1]
         q_syn = (1 - ens_alpha) * F.softmax(s.synergy_logit_scale * z / tau_s, 1) + ens_alpha * q_ens_s
-        k_syn = soft_target_kd_loss(out["logit"], q_syn, tau_s, reduction="none") + s.hybrid_beta * k_ens
+        k_syn = soft_target_kd_loss(out["logit"], q_syn, tau_s, reduction="none")   # hybrid: own term
         m = torch.exp(-2 * torch.log(ib.std)).mean(1)
         cw = (m / m.mean()).clamp(s.min_cw, s.max_cw)
         choose = torch.ones_like(k_syn, dtype=torch.bool)
@@ -354,6 +356,12 @@ def _hand_kd(d, batch, tau, ens_alpha, gate_open, auto=False):
 def test_gate_switches_the_kd_target_when_validation_synergy_accuracy_crosses_the_threshold(trained_a_step):
     run, d = trained_a_step["run"], trained_a_step["d"]
     d.train()
+    # BN momentum 0: the train-mode forwards below leave the running statistics (read by the
+    # eval-mode IB query) as they are, so every call sees the same query
+    bns = [m for m in d.student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
     batch = _first_batch(run, mixed=True)
     ctx = TrainContext(epoch=5, stage=0, epoch_in_stage=0, total_epochs=1, tau=4.0, kd_ramp=1.0,
                        device=torch.device("cpu"))
@@ -367,7 +375,7 @@ def test_gate_switches_the_kd_target_when_validation_synergy_accuracy_crosses_th
         _, losses = d.forward_train(batch, ctx)
         stats = d.pop_epoch_metrics()
         results[label] = (losses, stats)
-        # teachers and the IB query see the student's own (mixed) batch
+        # the teachers see the student's own batch (this hand-made batch has no x_clean)
         assert torch.equal(inputs[-1], batch.x)
     hook.remove()
     a = d.settings.kd_ens_alpha                                   # first B-step epoch of the stage
@@ -393,6 +401,8 @@ def test_gate_switches_the_kd_target_when_validation_synergy_accuracy_crosses_th
     kd_auto, ratio = _hand_kd(d, batch, 4.0, a, gate_open=True, auto=True)
     assert stats["kd/syn_ratio"] == pytest.approx(ratio)
     assert float(losses["kd"].detach()) == pytest.approx(0.35 * kd_auto, rel=1e-4)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
 
 
 def test_without_an_a_step_the_untrained_synergy_never_opens_the_gate(tmp_path):
@@ -451,7 +461,7 @@ def test_a_step_and_b_step_losses_stay_float32_under_bfloat16_autocast(tmp_path)
                        device=torch.device("cpu"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, b_losses = d.forward_train(batch, ctx)
-    assert set(a_losses) == {"syn_ce", "ib_kl", "cccp"} and set(b_losses) == {"ce", "kd", "feat_kd"}
+    assert set(a_losses) == {"syn_ce", "ib_kl", "cccp"} and set(b_losses) == {"ce", "kd", "feat_kd", "hybrid"}
     for value in [*a_losses.values(), *b_losses.values()]:
         assert value.dtype == torch.float32 and torch.isfinite(value.detach())
     sum(b_losses.values()).backward()
@@ -518,8 +528,8 @@ def test_a_scratch_student_frozen_by_ppf_from_the_first_stage_is_warned_about(ca
             build_distiller(cfg, build_student(cfg, 10), teachers)
         return [r.getMessage() for r in caplog.records if "trained from scratch" in r.getMessage()]
 
-    l0 = asib_cfg("L0_baseline")                       # the method file's use_partial_freeze / level 1
-    assert l0["use_partial_freeze"] is True and l0["student_freeze_level"] == 1
-    assert len(build(l0)) == 1
-    assert build(asib_cfg("L0_baseline", ["experiment.use_partial_freeze=false"])) == []
+    side = asib_cfg("side_cccp_ppf")                   # level 1 in every stage, scratch student
+    assert side["use_partial_freeze"] is True and side["student_freeze_level"] == 1
+    assert len(build(side)) == 1
+    assert build(asib_cfg("L0_baseline")) == []        # base's use_partial_freeze: false (issue 13)
     assert build(asib_cfg("L4_full")) == []           # its schedule starts at -1

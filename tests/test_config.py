@@ -58,11 +58,14 @@ def test_seed_values_survive_composition(seed_configs, exp, expected):
         assert node == value, f"{exp}: {dotted} = {node!r}, seed says {value!r}"
 
 
-def test_experiment_beats_method_beats_base(seed_configs):
+def test_experiment_beats_base_beats_method(seed_configs):
     # L0 sets ce_alpha 0.65 although the asib method file says 0.70 (fill-only promotion)
     assert seed_configs["L0_baseline"]["ce_alpha"] == 0.65
-    # sota_generic leaves kd_ens_alpha unset: the method (0.25) beats base (0.0)
-    assert seed_configs["sota_generic"]["kd_ens_alpha"] == 0.25
+    # sota_generic leaves kd_ens_alpha unset but base sets it: base (0.0) counts as set at
+    # experiment level, the method file's 0.25 fills nothing (decisions.md, Precedence corrected)
+    assert seed_configs["sota_generic"]["kd_ens_alpha"] == 0.0
+    # a key neither sets comes from the method file
+    assert seed_configs["sota_generic"]["kd_target"] == "auto"
     # a key only base sets keeps base's value
     assert seed_configs["sota_generic"]["disagreement_max_batches"] == 10
 

@@ -28,7 +28,7 @@ def test_main_chains_nested_steps_and_reuses_them(tmp_path):
     methods = sorted(r.data.tags["method"] for r in children if r.data.tags["step"] == "distill")
     assert methods == ["ce", "vanilla_kd"]
     metrics = parents[0].data.metrics
-    assert {"distill/test_top1", "baseline_ce/test_top1"} <= set(metrics)
+    assert {"distill/test_acc", "baseline_ce/test_acc"} <= set(metrics)
     n_runs = len(all_runs(tmp_path))
 
     second = run_module("pipelines.main", args, tmp_path, timeout=600)

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from asib_core.tracking.runs import DEFAULT_EXPERIMENT
 from tests.pipeline_helpers import TINY_DISTILL, use_isolated_store
 
 TINY_TEACHER = ["finetune_epochs=1", "dataset.train_per_class=20"]
@@ -79,7 +80,7 @@ def _ladder_runs(client: MlflowClient) -> None:
 def report(store):
     from asib_core.report import run_report
 
-    return run_report(experiment="digits", out_dir=store["work"] / "out")
+    return run_report(experiment=DEFAULT_EXPERIMENT, out_dir=store["work"] / "out")
 
 
 def _raw_distill_runs(experiment: str) -> list:
@@ -98,8 +99,8 @@ def _independent_groups(experiment: str) -> dict:
         def values(name, scale=1.0):
             return np.array([run.data.metrics[name] * scale for run in runs], dtype=float)
         row = {"n": len(runs), "seeds": ",".join(sorted((r.data.tags["seed"] for r in runs), key=int))}
-        for col, metric, scale in (("val_top1", "val/best_acc", 100.0), ("test_top1", "test/acc", 100.0),
-                                   ("test_top1_last", "test/acc_last", 100.0),
+        for col, metric, scale in (("val_acc", "val/best_acc", 100.0), ("test_acc", "test/acc", 100.0),
+                                   ("test_acc_last", "test/acc_last", 100.0),
                                    ("train_time_s", "total_train_time_sec", 1.0),
                                    ("img_per_s", "train/img_per_s_mean", 1.0)):
             v = values(metric, scale)
@@ -118,7 +119,7 @@ def _same(a, b, tol=1e-6) -> bool:
 
 
 def test_group_means_std_and_counts_match_an_independent_computation(report):
-    expected = _independent_groups("digits")
+    expected = _independent_groups(DEFAULT_EXPERIMENT)
     assert set(expected) == {("quickstart", "vanilla_kd", "resnet20+wrn_16_2", "resnet8"),
                              ("quickstart", "ce", "none", "resnet8")}
     written = pd.read_csv(report.report.out_dir / "groups.csv", dtype={"seeds": str})
@@ -147,7 +148,7 @@ def test_report_files_markdown_and_report_run(report, store):
     assert all((out / "curves" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     md = (out / "report.md").read_text()
     kd = report.report.groups.set_index("method").loc["vanilla_kd"]
-    cell = f"{kd['test_top1_mean']:.2f} ± {kd['test_top1_std']:.2f}"
+    cell = f"{kd['test_acc_mean']:.2f} ± {kd['test_acc_std']:.2f}"
     assert cell in md and "| quickstart | vanilla_kd | resnet20+wrn_16_2 | resnet8 | 2 | 1,2 |" in md
     assert "not averaged" in md and "evaluate/FINISHED: 1" in md and "finetune/FINISHED: 2" in md
     runs = pd.read_csv(out / "runs.csv")
@@ -156,7 +157,7 @@ def test_report_files_markdown_and_report_run(report, store):
     client = MlflowClient()
     run = client.get_run(report.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["step"] == "report"
-    assert run.data.params["experiment"] == "digits" and run.data.params["group_by"] == ",".join(KEYS)
+    assert run.data.params["experiment"] == DEFAULT_EXPERIMENT and run.data.params["group_by"] == ",".join(KEYS)
     assert run.data.metrics["n_runs"] == 3 and run.data.metrics["n_groups"] == 2
     top = {a.path for a in client.list_artifacts(report.run_id)}
     assert {"report.md", "groups.csv", "groups.md", "runs.csv", "baselines.md", "curves"} <= top
@@ -196,15 +197,15 @@ def test_ladder_table_difference_to_l0(store, tmp_path):
         tests = [_acc(row["exp"], s)[1] * 100 for s in seeds]
         vals = [_acc(row["exp"], s)[0] * 100 for s in seeds]
         assert int(row["n"]) == len(seeds)  # the sweep trial of L1 is not counted
-        assert row["test_top1_mean"] == pytest.approx(np.mean(tests))
-        assert row["delta_test_top1"] == pytest.approx(np.mean(tests) - base)
-        assert row["delta_val_top1"] == pytest.approx(np.mean(vals) - base_val)
+        assert row["test_acc_mean"] == pytest.approx(np.mean(tests))
+        assert row["delta_test_acc"] == pytest.approx(np.mean(tests) - base)
+        assert row["delta_val_acc"] == pytest.approx(np.mean(vals) - base_val)
         if len(seeds) > 1:
-            assert row["test_top1_std"] == pytest.approx(np.std(tests, ddof=1))
+            assert row["test_acc_std"] == pytest.approx(np.std(tests, ddof=1))
         assert row["train_time_s_mean"] == pytest.approx(np.mean([100.0 * s for s in seeds]))
     md = (tmp_path / "ladder" / "ladder.md").read_text()
     l1 = ladder[ladder["level"] == "L1"].iloc[0]
-    assert "| L1 | L1_ib | 3 | 1,2,3 |" in md and f"{l1['delta_test_top1']:+.2f}" in md
+    assert "| L1 | L1_ib | 3 | 1,2,3 |" in md and f"{l1['delta_test_acc']:+.2f}" in md
     assert rep.skipped == {"distill/FAILED": 1, "distill (sweep trial)/FINISHED": 1}
     # the baselines table has the ASIB column when asib runs exist
     assert "| ASIB |" in (tmp_path / "ladder" / "baselines.md").read_text()
@@ -218,8 +219,8 @@ def test_runs_are_comparable_in_the_ui(store):
     """Every step's runs carry the same filterable tags; distill runs of different methods have
     the same param names; fine-tune runs log run time and throughput under distill's names."""
     client = MlflowClient()
-    exp_id = client.get_experiment_by_name("digits").experiment_id
-    runs = client.search_runs([exp_id], max_results=100)
+    exp_id = client.get_experiment_by_name(DEFAULT_EXPERIMENT).experiment_id
+    runs = client.search_runs([exp_id], "tags.step != 'report'", max_results=100)
     steps = defaultdict(list)
     for run in runs:
         steps[run.data.tags["step"]].append(run)
@@ -239,7 +240,7 @@ def test_runs_are_comparable_in_the_ui(store):
 def test_cli_prints_the_table_and_defaults_to_reports_dir(store, capsys):
     from pipelines.report import main
 
-    assert main(["experiment=digits", "group_by=method,params.seed"]) == 0
+    assert main([f"experiment={DEFAULT_EXPERIMENT}", "group_by=method,params.seed"]) == 0
     out = capsys.readouterr().out
     assert "| method | params.seed | n |" in out and "report run " in out
     made = sorted((store["work"] / "reports").iterdir())
@@ -248,7 +249,7 @@ def test_cli_prints_the_table_and_defaults_to_reports_dir(store, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["experiment=nope"], "no MLflow experiment named 'nope'"),
-    (["experiment=digits", "group_by=exp,colour"], "group_by key 'colour'"),
+    ([f"experiment={DEFAULT_EXPERIMENT}", "group_by=exp,colour"], "group_by key 'colour'"),
     (["filter=tags.exp = oops"], "MLflow refused the filter"),
     (["filter=tags.exp = 'zzz'"], "no FINISHED distill runs match"),
     (["colour=red"], "report takes experiment="),
@@ -286,13 +287,15 @@ def test_mlflow_run_report_entry_point(store):
 
     out = store["work"] / "via_mlflow_run"
     proc = subprocess.run([sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "-e", "report",
-                           "-P", "experiment=digits", "-P", "filter=tags.seed = '1'", "-P", f"out={out}"],
+                           "-P", f"experiment={DEFAULT_EXPERIMENT}", "-P", "filter=tags.seed = '1'", "-P", f"out={out}"],
                           cwd=store["work"], env=env_for(store["work"]), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client = MlflowClient()
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               f"tags.step = 'report' and params.out = '{out}'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    # `mlflow run` and the runs started in-process (python -m) share one experiment by default
+    assert runs[0].info.experiment_id == client.get_run(store["ce"][0].run_id).info.experiment_id
     assert runs[0].data.metrics["n_runs"] == 2  # seed 1: one vanilla-KD run, one CE run
     groups = pd.read_csv(out / "groups.csv")
     assert sorted(groups["method"]) == ["ce", "vanilla_kd"] and set(groups["n"]) == {1}

@@ -77,6 +77,12 @@ def translate_override(item: str) -> list[str]:
     prefix = key[: len(key) - len(bare)]
     if not bare:
         raise ConfigError(f"malformed override '{item}': the key before '=' is empty.")
+    if bare == "experiment" and not prefix:
+        raise ConfigError(
+            f"'{item}' is not an override: the experiment config is chosen once, with exp=NAME "
+            f"(here exp={value}), before the overrides. (experiment=NAME names an MLflow experiment only "
+            "for the report entry point.)"
+        )
     if bare == "dataset" and not prefix:
         return [f"{_SHORTCUTS[bare]}={value}", f"++experiment.dataset.name={value}"]
     if bare in _SHORTCUTS and not prefix:

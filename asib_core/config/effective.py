@@ -4,12 +4,15 @@ Steps, in order:
 1. take the ``experiment`` subtree; copy the root keys ``results_dir, exp_id, seed,
    log_level, device`` in when present at root;
 2. flatten accidental double nesting (``dataset.dataset`` ...);
-3. promote the method's keys, fill-only: precedence experiment file (and its CLI
-   overrides) > method file > base. A key the experiment file leaves unset takes
-   the method's value even when base sets it;
+3. promote the method's keys, fill-only (decisions.md, "Precedence (corrected)"): a key
+   that the experiment file, a config it composes into its node (``/base``) or an
+   ``experiment.*`` override sets counts as set at experiment level; the method file
+   fills only keys that none of them sets. In effect experiment > base > method for keys
+   base sets, experiment > method otherwise;
 4. merge the anchor (``anchor=fair_baseline``) over the result, remembering the
    pre-merge values of the protected keys;
-5. method policy: non-ASIB methods run with IB, A-step, CCCP and feature KD off;
+5. method policy: non-ASIB methods run with IB, A-step, CCCP, feature KD and the hybrid
+   ensemble term off;
    ``force_ppf_off`` switches partial freezing off;
 6. ``strict_mode``: ``ce_alpha + kd_alpha == 1`` or refuse (``auto_renorm`` rescales);
 7. numeric casting of strings.
@@ -69,21 +72,38 @@ def _unwrap(node: dict, name: str) -> dict:
     return node
 
 
+def _load_raw(path) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+
+
+def _walk_keys(node: dict, prefix: str, keys: set[str]) -> None:
+    for k, v in node.items():
+        dotted = f"{prefix}{k}"
+        keys.add(dotted)
+        if isinstance(v, dict):
+            _walk_keys(v, dotted + ".", keys)
+
+
+def _composed_configs(raw: dict) -> list[dict]:
+    """The plain configs (``- /base``) an experiment file's defaults list composes in."""
+    found = []
+    for entry in raw.get("defaults", []) or []:
+        if isinstance(entry, str) and entry not in ("_self_",):
+            path = config_dir() / f"{entry.lstrip('/')}.yaml"
+            if path.is_file():
+                found.append(_load_raw(path))
+    return found
+
+
 def _explicit_experiment_keys(exp: str, overrides: list[str]) -> set[str]:
-    """Dotted keys the experiment file itself (or an ``experiment.*`` override) sets."""
-    path = config_dir() / "experiment" / f"{exp}.yaml"
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
-    block = raw.get("experiment") or {}
+    """Dotted keys set at experiment level: by the experiment file, by a config it composes
+    into the experiment node (``/base``: decisions.md, "Precedence (corrected)"), or by an
+    ``experiment.*`` override."""
+    raw = _load_raw(config_dir() / "experiment" / f"{exp}.yaml")
     keys: set[str] = set()
-
-    def walk(node: dict, prefix: str) -> None:
-        for k, v in node.items():
-            dotted = f"{prefix}{k}"
-            keys.add(dotted)
-            if isinstance(v, dict):
-                walk(v, dotted + ".")
-
-    walk(block, "")
+    for composed in _composed_configs(raw):
+        _walk_keys(composed.get("experiment") or {}, "", keys)
+    _walk_keys(raw.get("experiment") or {}, "", keys)
     # group selections made in the experiment's defaults list are explicit too
     for entry in raw.get("defaults", []) or []:
         if isinstance(entry, dict):
@@ -169,6 +189,7 @@ def apply_method_policy(cfg: dict) -> None:
         cfg["teacher_adapt_epochs"] = 0
         cfg["use_cccp"] = False
         cfg["feat_kd_alpha"] = 0.0
+        cfg["hybrid_beta"] = 0.0
     if cfg.get("force_ppf_off"):
         cfg["use_partial_freeze"] = False
 

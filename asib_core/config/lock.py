@@ -8,7 +8,8 @@ the live config and raises :class:`ConfigLockError` naming every changed key.
 
 Because the ignore list leaves out keys that change results (``optimizer``,
 ``use_amp``, ``student_epochs_per_stage`` through the ``student_ep*`` prefix, the
-teacher checkpoints), run reuse uses :func:`identity_hash`, which keeps them.
+teacher checkpoints), run reuse uses :func:`identity_hash`, which keeps them (and adds the
+version of the code).
 """
 from __future__ import annotations
 
@@ -62,11 +63,14 @@ def config_hash(cfg: dict) -> str:
 
 def identity_hash(cfg: dict, extra: dict | None = None) -> str:
     """Hash for run reuse: the config minus bookkeeping, plus ``extra`` (e.g. the
-    content hashes of the teacher checkpoints actually used)."""
+    content hashes of the teacher checkpoints actually used), plus the version of the code
+    (:func:`asib_core.code_version.code_version`): a run of other code is never reused."""
+    from asib_core.code_version import code_version
+
     clean = cast_numbers(copy.deepcopy(cfg))
     body = {k: v for k, v in clean.items()
             if k not in BOOKKEEPING_KEYS and not k.startswith("csv_")}
-    return sha256_of({"config": body, "extra": extra or {}})
+    return sha256_of({"config": body, "extra": extra or {}, "code": code_version()})
 
 
 def flatten(obj: Any, prefix: str = "") -> dict:

@@ -231,6 +231,26 @@ def _ensemble_share(cfg: dict) -> list[str]:
     return []
 
 
+@rule("run", "kd_max_ratio")
+def _kd_cap_needs_ce(cfg: dict) -> list[str]:
+    ratio, ce, kd = cfg.get("kd_max_ratio"), cfg.get("ce_alpha"), cfg.get("kd_alpha")
+    if ratio is not None and _finite(ce) and _finite(kd) and ce == 0 and kd > 0 \
+            and cfg.get("method_name") != "ce":
+        return [f"kd_max_ratio={show(ratio)} with ce_alpha=0: the cap compares the KD term with the CE term, "
+                "which is off; set kd_max_ratio=null or ce_alpha > 0"]
+    return []
+
+
+@rule("run", "kd_ens_alpha_ramp")
+def _ensemble_ramp(cfg: dict) -> list[str]:
+    epochs = cfg.get("teacher_adapt_kd_warmup")
+    if cfg.get("kd_ens_alpha_ramp") is True and _finite(epochs) and epochs > 0:
+        return [f"kd_ens_alpha_ramp=True with teacher_adapt_kd_warmup={show(epochs)}: the ramp sets the "
+                "ensemble share of every B-step epoch, so the mixing-epoch count would do nothing; set "
+                "teacher_adapt_kd_warmup=0 or kd_ens_alpha_ramp=false"]
+    return []
+
+
 @rule(SECTIONS, "device")
 def _device(cfg: dict) -> list[str]:
     device = cfg.get("device")

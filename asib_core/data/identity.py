@@ -92,3 +92,21 @@ def trained_indices(record: SplitRecord, labels: np.ndarray) -> np.ndarray:
     if record.classes is not None:
         train_idx = train_idx[np.isin(np.asarray(labels)[train_idx], np.asarray(record.classes))]
     return train_idx
+
+
+def split_fingerprint(bundle, split: str) -> str:
+    """SHA-256 that names exactly the images and labels of one split of a DataBundle.
+
+    ``train``/``val`` as cut by :func:`split_indices`: the source fingerprint of the split record
+    (the bytes of the official training split) plus the selected indices, so no image is hashed
+    again; a split changed after the cut (e.g. an overlap teacher's class filter) and
+    ``test``: :func:`content_fingerprint` of its arrays."""
+    ds = bundle.split(split)
+    record = getattr(bundle, "split_record", None)
+    index = getattr(bundle, f"{split}_source_index", None) if split in ("train", "val") else None
+    if record is not None and index is not None and len(index) == len(ds):
+        digest = hashlib.sha256(record.source_fingerprint.encode())
+        digest.update(np.ascontiguousarray(index, dtype=np.int64).tobytes())
+        digest.update(np.ascontiguousarray(ds.labels, dtype=np.int64).tobytes())
+        return digest.hexdigest()
+    return content_fingerprint(ds.images, ds.labels)

@@ -63,7 +63,8 @@ def train_epoch(step: Callable, loader, optimizer, params, precision: Precision,
     for i, (x, y, idx) in enumerate(loader):
         mixed = mix_batch(x, y, mixup_alpha=settings.mixup_alpha,
                           cutmix_alpha=settings.cutmix_alpha, generator=mix_gen)
-        batch = Batch(x=mixed.x, y=mixed.y_a, idx=idx, y_b=mixed.y_b, lam=float(mixed.lam))
+        batch = Batch(x=mixed.x, y=mixed.y_a, idx=idx, y_b=mixed.y_b, lam=float(mixed.lam),
+                      x_clean=x if mixed.perm is not None else None, perm=mixed.perm)
         with precision.autocast():
             logits, losses = step(batch)
         total = sum(v.float() for v in losses.values())

@@ -1,9 +1,13 @@
 """Optimisers for the student (B-step) and for fine-tuning."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from asib_core.config.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def build_optimizer(kind: str, groups: list[dict], *, lr: float, weight_decay: float,
@@ -35,6 +39,12 @@ def student_optimizer(cfg: dict, student_params, aux_params) -> torch.optim.Opti
                            "weight_decay": float(cfg.get("b_step_weight_decay", wd))})
         else:
             groups.append({"params": aux, "name": "auxiliary"})
+    elif kind == "sgd":
+        inert = [f"{k}={cfg[k]!r}" for k in ("b_step_lr", "b_step_weight_decay") if cfg.get(k) is not None]
+        if inert:
+            log.warning("%s: no effect, this method has no auxiliary trainable modules in the B-step (the keys "
+                        "set their parameter group); the student trains with student_lr=%g, "
+                        "student_weight_decay=%g.", " and ".join(inert), lr, wd)
     return build_optimizer(kind, groups, lr=lr, weight_decay=wd,
                            momentum=float(cfg.get("b_step_momentum", 0.9)),
                            nesterov=bool(cfg.get("b_step_nesterov", True)))

@@ -267,7 +267,7 @@ class TrainingRun:
 
         def step(batch):
             logits, losses = module(batch, ctx)
-            losses, factor = kd_cap(losses, cfg, ctx.epoch)
+            losses, factor = kd_cap(losses, cfg, ctx.epoch, (distiller.ce_alpha, distiller.kd_alpha * ctx.kd_ramp))
             if cfg.get("kd_max_ratio") is not None:
                 distiller.record(**{"kd/cap_factor": factor})
             return logits, losses

@@ -90,16 +90,22 @@ def loss_clamp(loss, cfg: dict, epoch: int):
     return loss * (cap / (value + 1e-8)), True
 
 
-def kd_cap(losses: dict, cfg: dict, epoch: int) -> tuple[dict, float]:
-    """``kd_max_ratio`` r: after ``kd_warmup_epochs`` the (weighted) ``kd`` term is scaled by
-    ``min(1, r * ce / kd)`` (factor from detached values), so KD never outweighs CE by more
-    than r. Returns the losses and the factor applied (1.0 = untouched)."""
+def kd_cap(losses: dict, cfg: dict, epoch: int, weights: tuple[float, float]) -> tuple[dict, float]:
+    """``kd_max_ratio`` r (spec 3.6.7): after ``kd_warmup_epochs`` the ``kd`` term is scaled by
+    ``min(1, r * CE_raw / KD_raw)``, comparing the raw (unweighted) terms, the factor computed on
+    detached values (floors 1e-6). ``weights = (ce_weight, kd_weight)`` are the weights the
+    distiller applied (``ce_alpha``, ``kd_alpha * kd_ramp``): ``CE_raw = ce / ce_weight``,
+    ``KD_raw = kd / kd_weight``. Returns the losses and the factor applied (1.0 = untouched)."""
     ratio = cfg.get("kd_max_ratio")
     if ratio is None or "kd" not in losses or "ce" not in losses:
         return losses, 1.0
     if epoch + 1 <= int(cfg.get("kd_warmup_epochs") or 0):
         return losses, 1.0
-    kd, ce = float(losses["kd"].detach()), float(losses["ce"].detach())
+    ce_weight, kd_weight = (float(w) for w in weights)
+    if ce_weight <= 0 or kd_weight <= 0:
+        return losses, 1.0
+    kd = float(losses["kd"].detach()) / kd_weight
+    ce = float(losses["ce"].detach()) / ce_weight
     factor = min(1.0, float(ratio) * max(ce, 1e-6) / max(kd, 1e-6))
     if factor < 1.0:
         losses = dict(losses)

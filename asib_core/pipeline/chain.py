@@ -3,8 +3,9 @@
 Each step is launched with ``mlflow.run`` as a nested run under one parent run. A step
 is **reused** when a FINISHED run with the same identity exists (``asib.identity``
 tag: the config hash plus the values the hash leaves out that change the result,
-and the content hashes of the teacher checkpoints), so a second ``main`` with the same
-experiment trains nothing again. With ``baseline=ce`` the same student is also
+the content hashes of the teacher checkpoints and the version of the code), so a second
+``main`` with the same experiment and code trains nothing again; ``force=true`` runs every
+step again. With ``baseline=ce`` the same student is also
 trained with cross-entropy alone, and the parent run reports both accuracies.
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ from mlflow.tracking import MlflowClient
 
 from asib_core.config import identity_hash, resolve_experiment
 from asib_core.methods import get_method
-from asib_core.tracking import configure_tracking, experiment_for, open_run, search_finished
+from asib_core.tracking import configure_tracking, experiment_name, open_run, search_finished
+from asib_core.tracking.environ import scoped_environ
 from asib_core.tracking.owners import OWNER_TAG, owner_id
 
 from .common import run_tags, setup_logging, teacher_names
@@ -40,7 +42,11 @@ class ChainResult:
     metrics: dict = field(default_factory=dict)
 
 
-def _finished_with_identity(step: str, identity: str):
+def reusable_run(step: str, identity: str, *, force: bool = False):
+    """The newest FINISHED ``step`` run with this identity (config, teacher files and code
+    version), or None: none exists, or ``force`` asks for the step to run again."""
+    if force:
+        return None
     runs = search_finished(f"tags.step = '{step}' and tags.`asib.identity` = '{identity}'")
     return runs[0] if runs else None
 
@@ -67,22 +73,28 @@ def _finetune_overrides(cfg: dict, index: int) -> list[str]:
 
 
 def run_main(exp: str, overrides: list[str], *, env_manager: str = "local", baseline: str = "ce",
-             nproc: int = 1, finetune_overrides: list[str] = ()) -> ChainResult:
+             nproc: int = 1, finetune_overrides: list[str] = (), force: bool = False) -> ChainResult:
     setup_logging()
     configure_tracking()
-    os.environ["ASIB_WORKDIR"] = os.getcwd()  # chained steps work where main was started
+    # chained steps work where main was started; the caller's environment is left as it was
+    with scoped_environ(ASIB_WORKDIR=os.getcwd()):
+        return _run_chain(exp, overrides, env_manager, baseline, nproc, list(finetune_overrides), force)
+
+
+def _run_chain(exp: str, overrides: list[str], env_manager: str, baseline: str, nproc: int,
+               finetune_overrides: list[str], force: bool) -> ChainResult:
     resolved = resolve_experiment(exp, overrides)       # refuse a bad config before any work
     cfg = resolved.cfg
     dataset = cfg["dataset"]["name"]
     result = ChainResult(parent_run_id="")
     tags = run_tags(cfg, "main", resolved.sha256, teachers="+".join(teacher_names(cfg)),
                     student=cfg["model"]["student"]["name"])
-    with open_run(experiment=experiment_for(dataset), run_name=f"{exp} main", tags=tags) as parent:
+    with open_run(experiment=experiment_name(), run_name=f"{exp} main", tags=tags) as parent:
         result.parent_run_id = parent.run_id
         exp_id = parent.experiment_id
 
         def step(name: str, entry: str, params: dict, identity: str, step_tag: str, title: str) -> str:
-            found = _finished_with_identity(step_tag, identity)
+            found = reusable_run(step_tag, identity, force=force)
             if found is not None:
                 log.info("reusing %s run %s", name, found.info.run_id)
                 result.reused[name] = True
@@ -116,7 +128,7 @@ def run_main(exp: str, overrides: list[str], *, env_manager: str = "local", base
             eval_id = step(f"evaluate_{name}", "evaluate", {"run_id": run_id}, f"evaluate-{run_id}",
                            "evaluate", f"evaluate {name}")
             metrics = MlflowClient().get_run(eval_id).data.metrics
-            result.metrics[f"{name}/test_top1"] = metrics.get("test/top1", float("nan"))
+            result.metrics[f"{name}/test_acc"] = metrics.get("test/acc", float("nan"))
         parent.log_metrics(result.metrics, step=0)
         _log_summary(parent.run_id, result)
     return result

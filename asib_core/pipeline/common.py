@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from asib_core.code_version import code_version
 from asib_core.engine.state import StateFolder
 
 log = logging.getLogger("asib")
@@ -59,7 +60,7 @@ def run_tags(cfg: dict, step: str, sha: str, **extra) -> dict:
     tags = {
         "exp": cfg.get("exp", ""), "method": cfg.get("method_name", ""), "step": step,
         "dataset": cfg["dataset"]["name"], "seed": cfg.get("seed", ""),
-        "config_sha256": sha, "git_commit": git_commit(),
+        "config_sha256": sha, "git_commit": git_commit(), "asib.code_version": code_version(),
     }
     tags.update(extra)
     return {k: v for k, v in tags.items() if v is not None}

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import mlflow
 import torch
-import yaml
 
 from asib_core.config import ResolvedConfig, identity_hash, resolve_experiment
 from asib_core.config.finalize import finalize_with_runtime
@@ -28,13 +27,14 @@ from asib_core.engine.state import atomic_save
 from asib_core.errors import check_writable_dir
 from asib_core.faults import fault_point
 from asib_core.methods import build_distiller, get_method
-from asib_core.tracking import configure_tracking, experiment_for, open_run
-from asib_core.tracking.params import log_config_params
+from asib_core.tracking import configure_tracking, experiment_name, open_run
 from asib_core.tracking.plots import log_curves
 
 from .common import (STATE_TAG, file_sha256, resumable_state, run_tags, seed_everything, setup_logging,
                      teacher_names)
+from .inputs import log_run_inputs
 from .models import build_student, load_teacher, read_teacher_checkpoint, to_device
+from .student_model import log_student_model
 from .teacher_splits import check_teacher_splits
 from .teachers import resolve_teachers
 
@@ -148,7 +148,7 @@ def run_distill(exp: str, overrides: list[str], *, parent_run_id: str | None = N
         resume_id = dist.broadcast_object(resume_id)
         if not dist.is_main:
             return _fit(cfg, lock, sources, data, device, state_dir, dist, None, hooks)
-        with open_run(experiment=experiment_for(cfg["dataset"]["name"]), run_name=run_name(cfg),
+        with open_run(experiment=experiment_name(), run_name=run_name(cfg),
                       tags={**tags, STATE_TAG: folder.key}, resume_run_id=resume_id,
                       nested=parent_run_id is not None, parent_run_id=parent_run_id) as run:
             return _fit(cfg, lock, sources, data, device, state_dir, dist, run, hooks)
@@ -165,8 +165,7 @@ def _fit(cfg, lock, sources, data, device, state_dir, dist: DistContext, run, ho
     student = to_device(build_student(cfg, data.num_classes), device, channels_last)
     distiller = build_distiller(cfg, student, teachers).to(device)
     if run is not None:
-        log_config_params(run.run_id, cfg)
-        mlflow.log_text(yaml.safe_dump(cfg, sort_keys=True), "config/effective_config.yaml", run_id=run.run_id)
+        log_run_inputs(run.run_id, cfg, data)
         run.log_metrics(teacher_report(teachers, teacher_names(cfg), data, precision, cfg), step=0)
     optimizer = student_optimizer(cfg, distiller.student_parameters(), distiller.auxiliary_parameters())
     spec = fit_spec(cfg)
@@ -219,4 +218,6 @@ def finish_run(run, trainer: TrainingRun, distiller, cfg: dict, data, sha: str, 
     history = trainer.state.history
     mlflow.log_text(json.dumps(history, indent=1), "history.json", run_id=run.run_id)
     log_curves(run.run_id, history, run_name(cfg))
+    if cfg.get("log_model", True):
+        log_student_model(run, distiller, cfg, data, sha)
     run.set_tags({"asib.final_test_acc": f"{metrics['test/acc']:.4f}"})

@@ -1,9 +1,13 @@
 """The evaluation step: a finished distill (or finetune) run's model on the TEST split.
 
-Reports top-1, top-5, NLL, ECE, per-class accuracy (CSV), confusion matrix (PNG),
-agreement with each teacher, parameter count, FLOPs and inference images/s, in its
-own run tagged with the source run id; the headline numbers are also copied onto the
-source run (``eval/...``).
+A distill run is evaluated through its MLflow model (``runs:/<id>/model``; any model URI such as
+``models:/<name>/<version>`` is accepted too), so no teacher checkpoint is needed; a run logged
+with ``log_model: false`` is rebuilt from ``model/student.pt`` and its teachers, a finetune run
+from its checkpoint. Reports ``test/acc`` (the name distill and finetune runs use), top-5, NLL,
+ECE, per-class accuracy (CSV), one prediction per test image (``predictions.csv``), confusion
+matrix (PNG), agreement with each teacher (when the teachers can still be found), parameter
+count of the deployed network, FLOPs and inference images/s, in its own run tagged with the
+source run id; the headline numbers are also copied onto the source run (``eval/...``).
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from asib_core.data import build_data  # noqa: E402
 from asib_core.engine.amp import Precision, resolve_device  # noqa: E402
 from asib_core.engine.loop import collect_logits  # noqa: E402
 from asib_core.engine.state import load_state  # noqa: E402
-from asib_core.errors import MissingArtifactError  # noqa: E402
+from asib_core.errors import CheckpointError, MissingArtifactError  # noqa: E402
 from asib_core.methods import build_distiller  # noqa: E402
 from asib_core.models import count_parameters  # noqa: E402
 from asib_core.tracking import configure_tracking, open_run  # noqa: E402
@@ -36,6 +40,7 @@ from asib_core.tracking.params import log_config_params  # noqa: E402
 from .common import run_tags, setup_logging  # noqa: E402
 from .distill import STUDENT_ARTIFACT, StepResult  # noqa: E402
 from .models import build_student, load_teacher  # noqa: E402
+from .student_model import MODEL_TAG, is_model_uri, load_student_model, model_source  # noqa: E402
 
 log = logging.getLogger("asib.evaluate")
 ECE_BINS = 15
@@ -58,7 +63,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
     probs = F.softmax(logits, 1)
     top5 = logits.topk(min(5, num_classes), 1).indices
     return {
-        "top1": float((logits.argmax(1) == labels).float().mean()),
+        "acc": float((logits.argmax(1) == labels).float().mean()),
         "top5": float((top5 == labels[:, None]).any(1).float().mean()),
         "nll": float(F.cross_entropy(logits, labels)),
         "ece": expected_calibration_error(probs, labels),
@@ -75,6 +80,12 @@ def per_class_table(logits, labels, class_names) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def prediction_table(logits, labels) -> pd.DataFrame:
+    """One row per test image, in test-split order: its label and the predicted class."""
+    return pd.DataFrame({"index": np.arange(len(labels)), "label": labels.numpy(),
+                         "predicted": logits.argmax(1).numpy()})
+
+
 def confusion_figure(logits, labels, class_names):
     n = len(class_names)
     matrix = np.zeros((n, n), dtype=np.int64)
@@ -88,12 +99,6 @@ def confusion_figure(logits, labels, class_names):
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     return fig
-
-
-def deployed_parameters(module) -> int:
-    """Parameters of the deployed network: the student, with SimKD's projector and teacher head."""
-    deployed = module.deployed_model() if hasattr(module, "deployed_model") else getattr(module, "student", module)
-    return count_parameters(deployed)
 
 
 def flops_per_image(model_fn, device) -> float:
@@ -159,22 +164,52 @@ def _teacher_paths(run, cfg) -> list[tuple[str, Path]]:
     return out
 
 
-def _load_model(run, step, cfg, data, device):
-    """(logits function, teachers) of the source run's deployed model."""
+def _teachers(run, cfg, data, device) -> list:
+    return [load_teacher(cfg, role, path, data.num_classes)[0].to(device).eval()
+            for role, path in _teacher_paths(run, cfg)]
+
+
+def _reachable_teachers(run, cfg, data, device) -> list:
+    """The source run's teachers if their checkpoints can still be found (for the agreement
+    numbers only): evaluating a logged student needs no teacher."""
+    try:
+        return _teachers(run, cfg, data, device)
+    except (MissingArtifactError, CheckpointError, OSError, KeyError) as exc:
+        log.info("teacher agreement left out: the teachers of run %s are not reachable (%s)", run.info.run_id, exc)
+        return []
+
+
+def _load_model(run, step, cfg, data, device, model_uri: str | None):
+    """(logits function, deployed module, teachers) of the source run."""
+    if model_uri:
+        module = load_student_model(model_uri, device)
+        return module, module, _reachable_teachers(run, cfg, data, device)
     if step == "finetune":
         payload = load_state(_download(run.info.run_id, run.data.tags["asib.teacher_artifact"]))
         tcfg = {**cfg, "teacher1": {"name": cfg["teacher_type"]}, "method_name": "ce"}
         model, _ = load_teacher(tcfg, "teacher1", _write_tmp(payload), data.num_classes)
         model = model.to(device).eval()
         return (lambda x: model(x)["logit"]), model, []
+    # a distill run logged without its MLflow model (log_model: false): rebuild it
     payload = load_state(_download(run.info.run_id, STUDENT_ARTIFACT))
-    teachers = [load_teacher(cfg, role, path, data.num_classes)[0].to(device).eval()
-                for role, path in _teacher_paths(run, cfg)]
+    teachers = _teachers(run, cfg, data, device)
     student = build_student(cfg, data.num_classes).to(device)
     distiller = build_distiller(cfg, student, teachers).to(device)
     distiller.load_deploy_state(payload["deploy"])
     distiller.eval()
-    return distiller.forward_test, distiller, teachers
+    return distiller.forward_test, distiller.deployed_model(), teachers
+
+
+def resolve_target(target: str) -> tuple[str, str | None]:
+    """(source run id, MLflow model URI or None) of a run id or a model URI."""
+    if is_model_uri(target):
+        return model_source(target), target
+    run_id = target
+    try:
+        uri = MlflowClient().get_run(run_id).data.tags.get(MODEL_TAG)
+    except Exception:  # noqa: BLE001 - reported by _source with the run id
+        uri = None
+    return run_id, uri
 
 
 def _write_tmp(payload) -> Path:
@@ -184,14 +219,17 @@ def _write_tmp(payload) -> Path:
     return path
 
 
-def run_evaluate(run_id: str, *, parent_run_id: str | None = None) -> StepResult:
+def run_evaluate(target: str, *, parent_run_id: str | None = None) -> StepResult:
+    """Evaluate ``target`` on the test split: the id of a FINISHED distill or finetune run, or the
+    URI of a student's MLflow model (``runs:/<id>/model``, ``models:/<name>/<version>``)."""
     setup_logging()
     configure_tracking()
+    run_id, model_uri = resolve_target(target)
     source, step, cfg = _source(run_id)
     device = resolve_device(cfg.get("device"))
     data_cfg = cfg if "dataset" in cfg else {**cfg, "dataset": {"name": cfg.get("dataset_name")}}
     data = build_data(data_cfg, device)
-    model_fn, module, teachers = _load_model(source, step, cfg, data, device)
+    model_fn, module, teachers = _load_model(source, step, cfg, data, device, model_uri)
     precision = Precision(device, False)
     loader = data.loader("test", batch_size=256)
     logits, labels = collect_logits(model_fn, loader, precision)
@@ -199,13 +237,14 @@ def run_evaluate(run_id: str, *, parent_run_id: str | None = None) -> StepResult
     for i, teacher in enumerate(teachers, start=1):
         t_logits, _ = collect_logits(lambda x, t=teacher: t(x)["logit"], loader, precision)
         metrics[f"test/agreement_teacher{i}"] = float((t_logits.argmax(1) == logits.argmax(1)).float().mean())
-        metrics[f"test/teacher{i}_top1"] = float((t_logits.argmax(1) == labels).float().mean())
-    deployed_params = deployed_parameters(module)
+        metrics[f"test/teacher{i}_acc"] = float((t_logits.argmax(1) == labels).float().mean())
+    deployed_params = count_parameters(module)
     metrics.update({"params": float(deployed_params), "flops_per_image": flops_per_image(model_fn, device),
                     "inference_img_per_s": inference_rate(model_fn, loader)})
     tags = run_tags({**cfg, "exp": cfg.get("exp", cfg.get("recipe", ""))}, "evaluate",
                     source.data.tags.get("config_sha256", ""), source_run=run_id,
-                    teachers=source.data.tags.get("teachers", ""), student=source.data.tags.get("student", ""))
+                    teachers=source.data.tags.get("teachers", ""), student=source.data.tags.get("student", ""),
+                    model_uri=model_uri)
     tags["method"] = source.data.tags.get("method", "")
     if source.data.tags.get("teacher"):
         tags["teacher"] = source.data.tags["teacher"]
@@ -216,12 +255,13 @@ def run_evaluate(run_id: str, *, parent_run_id: str | None = None) -> StepResult
         log_config_params(run.run_id, cfg)  # the source's params: evaluate runs compare like it
         run.log_metrics(metrics, step=0)
         client = MlflowClient()
+        client.log_text(run.run_id, prediction_table(logits, labels).to_csv(index=False), "predictions.csv")
         client.log_text(run.run_id, per_class_table(logits, labels, data.class_names).to_csv(index=False),
                         "per_class_accuracy.csv")
         fig = confusion_figure(logits, labels, list(data.class_names))
         client.log_figure(run.run_id, fig, "confusion_matrix.png")
         plt.close(fig)
-        for key in ("test/top1", "test/top5", "test/nll", "test/ece", "params", "flops_per_image",
+        for key in ("test/acc", "test/top5", "test/nll", "test/ece", "params", "flops_per_image",
                     "inference_img_per_s"):
             client.log_metric(run_id, f"eval/{key.split('/')[-1]}", metrics[key])
         client.set_tag(run_id, "asib.evaluated_by", run.run_id)

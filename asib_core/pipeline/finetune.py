@@ -12,7 +12,6 @@ from pathlib import Path
 
 import mlflow
 import torch
-import yaml
 
 from asib_core.config import ConfigLock, compose_finetune, identity_hash
 from asib_core.config.casting import cast_numbers
@@ -31,12 +30,12 @@ from asib_core.errors import check_writable_dir
 from asib_core.methods.ce import CEOnly
 from asib_core.models import create_model
 from asib_core.models.checkpoint import check_shapes
-from asib_core.tracking import configure_tracking, experiment_for, open_run
-from asib_core.tracking.params import log_config_params
+from asib_core.tracking import configure_tracking, experiment_name, open_run
 from asib_core.tracking.plots import log_curves
 
 from .common import STATE_TAG, resumable_state, run_tags, run_time_metrics, seed_everything, setup_logging
 from .distill import StepResult
+from .inputs import log_run_inputs
 from .models import save_teacher, teacher_payload, to_device
 from .teachers import TEACHER_ARTIFACT_DIR
 
@@ -167,11 +166,10 @@ def run_finetune(teacher: str, dataset: str, overrides: list[str], *, parent_run
     check_writable_dir(state_dir, "checkpoint_dir: the run's state folder")  # before the run exists
     check_writable_dir(ckpt_path(cfg, subset_tag).parent, "finetune_ckpt_path: the teacher's folder")
     with resumable_state(state_dir, identity) as (folder, resume_id), \
-            open_run(experiment=experiment_for(data.name), run_name=f"finetune {teacher} on {dataset} ({subset_tag})",
+            open_run(experiment=experiment_name(), run_name=f"finetune {teacher} on {dataset} ({subset_tag})",
                      tags={**tags, STATE_TAG: folder.key}, resume_run_id=resume_id,
                      nested=parent_run_id is not None, parent_run_id=parent_run_id) as run:
-        log_config_params(run.run_id, cfg)
-        mlflow.log_text(yaml.safe_dump(cfg, sort_keys=True), "config/effective_config.yaml", run_id=run.run_id)
+        log_run_inputs(run.run_id, cfg, data)
         model = to_device(build_teacher(cfg, data.num_classes), device, False)
         distiller = CEOnly(model, [], {"ce_label_smoothing": float(cfg.get("label_smoothing") or 0.0)}).to(device)
         precision = Precision(device, bool(cfg.get("use_amp")), "bfloat16")

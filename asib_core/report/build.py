@@ -21,7 +21,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from asib_core.config.errors import ConfigError
-from asib_core.tracking import configure_tracking, experiment_for, open_run
+from asib_core.tracking import configure_tracking, experiment_name, open_run
 
 from . import plots, writers
 from .query import (finished_distill, group_columns, is_sweep_trial, load_runs, metric_histories,
@@ -30,7 +30,6 @@ from .tables import baseline_columns, baselines_table, group_table, ladder_table
 
 log = logging.getLogger("asib.report")
 DEFAULT_GROUP_BY = "exp,method,teachers,student"
-REPORT_EXPERIMENT = "reports"
 
 
 @dataclass
@@ -166,8 +165,8 @@ def run_report(experiment: str | None = None, filter_string: str = "", group_by:
     """``build_report`` inside an MLflow run tagged ``step=report`` whose artifacts are the files.
 
     The query runs first, so a query that matches nothing leaves no run behind. Started
-    directly, the run goes to the experiment ``reports`` (``MLFLOW_EXPERIMENT_NAME`` overrides);
-    under ``mlflow run`` it is the run ``mlflow run`` created.
+    directly, the run goes to the experiment every run of the project goes to
+    (``tracking.experiment_name``); under ``mlflow run`` it is the run ``mlflow run`` created.
     """
     from asib_core.pipeline.common import git_commit, setup_logging
 
@@ -178,7 +177,7 @@ def run_report(experiment: str | None = None, filter_string: str = "", group_by:
             "report.experiment": experiment or "(all)", "report.filter": filter_string or "(none)",
             "report.group_by": ",".join(parse_group_by(group_by))}
     name = f"report {report.out_dir.name}"
-    with open_run(experiment=experiment_for(REPORT_EXPERIMENT), run_name=name, tags=tags) as run:
+    with open_run(experiment=experiment_name(), run_name=name, tags=tags) as run:
         client = MlflowClient()
         params = {"experiment": experiment or "", "filter": filter_string or "",
                   "group_by": ",".join(parse_group_by(group_by)), "out": str(report.out_dir)}

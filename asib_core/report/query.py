@@ -6,9 +6,9 @@ adds the columns the tables use:
 ==================  ===============================================  =======
 column              source                                           unit
 ==================  ===============================================  =======
-``val_top1``        metric ``val/best_acc`` (validation, best epoch)   %
-``test_top1``       metric ``test/acc`` (best-on-validation student)   %
-``test_top1_last``  metric ``test/acc_last`` (last-epoch student)      %
+``val_acc``         metric ``val/best_acc`` (validation, best epoch)   %
+``test_acc``        metric ``test/acc`` (best-on-validation student)   %
+``test_acc_last``   metric ``test/acc_last`` (last-epoch student)      %
 ``train_time_s``    metric ``total_train_time_sec`` (sum of epochs)    s
 ``wall_time_s``     run end time - start time                          s
 ``img_per_s``       metric ``train/img_per_s_mean`` (training images/s)
@@ -31,17 +31,17 @@ from asib_core.config.errors import ConfigError
 
 #: report column -> (MLflow metric, scale to the report's unit)
 RUN_METRICS = {
-    "val_top1": ("val/best_acc", 100.0),
-    "test_top1": ("test/acc", 100.0),
-    "test_top1_last": ("test/acc_last", 100.0),
+    "val_acc": ("val/best_acc", 100.0),
+    "test_acc": ("test/acc", 100.0),
+    "test_acc_last": ("test/acc_last", 100.0),
     "train_time_s": ("total_train_time_sec", 1.0),
     "img_per_s": ("train/img_per_s_mean", 1.0),
 }
 #: every value column of the tables, in display order, with its Markdown header and decimals
 VALUE_COLUMNS = {
-    "val_top1": ("val top-1 (%)", 2),
-    "test_top1": ("test top-1 (%)", 2),
-    "test_top1_last": ("test top-1, last epoch (%)", 2),
+    "val_acc": ("val top-1 (%)", 2),
+    "test_acc": ("test top-1 (%)", 2),
+    "test_acc_last": ("test top-1, last epoch (%)", 2),
     "train_time_s": ("train time (s)", 1),
     "wall_time_s": ("run time (s)", 1),
     "img_per_s": ("train img/s", 0),

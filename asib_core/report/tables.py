@@ -74,7 +74,7 @@ def ladder_table(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (dataset, teachers, student), part in sub.groupby(["dataset", "teachers", "student"], sort=True):
         base = part[part["exp"] == LADDER[0][1]]
-        base_val, base_test = stats(base["val_top1"])[0], stats(base["test_top1"])[0]
+        base_val, base_test = stats(base["val_acc"])[0], stats(base["test_acc"])[0]
         for level, exp in LADDER:
             rung = part[part["exp"] == exp]
             if rung.empty:
@@ -84,8 +84,8 @@ def ladder_table(runs: pd.DataFrame) -> pd.DataFrame:
             for value in VALUE_COLUMNS:
                 mean, std, _ = stats(rung[value])
                 row[f"{value}_mean"], row[f"{value}_std"] = mean, std
-            row["delta_val_top1"] = row["val_top1_mean"] - base_val
-            row["delta_test_top1"] = row["test_top1_mean"] - base_test
+            row["delta_val_acc"] = row["val_acc_mean"] - base_val
+            row["delta_test_acc"] = row["test_acc_mean"] - base_test
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -114,9 +114,9 @@ def baselines_table(runs: pd.DataFrame, teacher_acc: dict[str, float]) -> pd.Dat
             row[f"T{i}"] = value
         row["T_source"] = t_source
         s = alone[(alone["dataset"] == dataset) & (alone["exp"] == exp) & (alone["student"] == student)]
-        _cell(row, "S", s["test_top1"])
+        _cell(row, "S", s["test_acc"])
         for header, method in methods:
-            _cell(row, header, part.loc[part["method"] == method, "test_top1"])
+            _cell(row, header, part.loc[part["method"] == method, "test_acc"])
         rows.append(row)
     return pd.DataFrame(rows)
 

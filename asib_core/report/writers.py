@@ -82,9 +82,9 @@ def ladder_markdown(ladder: pd.DataFrame) -> str:
         header = ["level", "exp", "n", "seeds", "val top-1 (%)", "test top-1 (%)", "Δ val vs L0",
                   "Δ test vs L0", "train time (s)", "train img/s"]
         rows = [[r["level"], r["exp"], int(r["n"]), r["seeds"] or DASH,
-                 mean_std(r["val_top1_mean"], r["val_top1_std"]),
-                 mean_std(r["test_top1_mean"], r["test_top1_std"]),
-                 number(r["delta_val_top1"], 2, signed=True), number(r["delta_test_top1"], 2, signed=True),
+                 mean_std(r["val_acc_mean"], r["val_acc_std"]),
+                 mean_std(r["test_acc_mean"], r["test_acc_std"]),
+                 number(r["delta_val_acc"], 2, signed=True), number(r["delta_test_acc"], 2, signed=True),
                  mean_std(r["train_time_s_mean"], r["train_time_s_std"], 1),
                  mean_std(r["img_per_s_mean"], r["img_per_s_std"], 0)]
                 for _, r in block.iterrows()]

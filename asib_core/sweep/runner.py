@@ -24,7 +24,8 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from asib_core.config import ConfigError, resolve_experiment
-from asib_core.tracking import configure_tracking, experiment_for, open_run
+from asib_core.tracking import configure_tracking, experiment_name, open_run
+from asib_core.tracking.environ import scoped_environ
 
 from . import study as st
 from .recovery import IDENTITY_TAG, PARENT_ATTR, STATE_ATTR, UID_ATTR, Heartbeat, close_dead_worker_runs, \
@@ -115,20 +116,11 @@ def worker_device(cfg: dict, overrides: list, worker: int) -> tuple[list[str], s
 
 
 @contextlib.contextmanager
-def trial_environment(experiment_name: str):
+def trial_environment(experiment: str):
     """Trials nest under the parent: same MLflow experiment, and not attached to the run that
     ``mlflow run`` created for the parent (``MLFLOW_RUN_ID``)."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME")}
-    os.environ.pop("MLFLOW_RUN_ID", None)
-    os.environ["MLFLOW_EXPERIMENT_NAME"] = experiment_name
-    try:
+    with scoped_environ(MLFLOW_RUN_ID=None, MLFLOW_EXPERIMENT_NAME=experiment):
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def preflight(settings: SweepSettings, space: SearchSpace):
@@ -212,7 +204,7 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
     title = f"sweep {name}" + (f" worker {settings.worker}" if settings.worker else "")
     out_dir = Path(settings.out_dir or Path("experiments") / "sweeps" / safe_name(name)).resolve()
     result = SweepResult(parent_run_id="", study_name=name, storage=store.description, device=device)
-    with open_run(experiment=experiment_for(cfg["dataset"]["name"]), run_name=title, tags=tags) as parent:
+    with open_run(experiment=experiment_name(), run_name=title, tags=tags) as parent:
         result.parent_run_id = parent.run_id
         # the effective settings ("sweep." keys: `mlflow run` logs its raw parameters unprefixed)
         mlflow.log_params({f"sweep.{k}": v for k, v in {
@@ -223,10 +215,10 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
             "max_retry": settings.max_retry,
             "overrides": " ".join(settings.overrides)[:6000], "worker": int(settings.worker)}.items()},
             run_id=parent.run_id)
-        experiment_name = MlflowClient().get_experiment(parent.experiment_id).name
+        parent_experiment = MlflowClient().get_experiment(parent.experiment_id).name
         state_root = Path(cfg.get("checkpoint_dir") or "checkpoints/runs") / f"sweep-{safe_name(name)}"
         trials = TrialRunner(settings, space, study, store, parent.run_id, device_overrides, state_root, identity)
-        with trial_environment(experiment_name):
+        with trial_environment(parent_experiment):
             while True:
                 trial = st.ask_next(study, store, int(settings.n_trials), identity,
                                     make_sampler=lambda seed: st.build_sampler(space, seed),

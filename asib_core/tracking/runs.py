@@ -3,10 +3,11 @@
 A run that fails for any reason ends FAILED with the error as the tag
 ``asib.error`` - never RUNNING; a run stopped by an Optuna pruner (``optuna.TrialPruned``,
 sweeps) ends KILLED with the reason as the tag ``asib.pruned``. Runs started by ``mlflow run``
-are attached through ``MLFLOW_RUN_ID`` (they live in the experiment ``mlflow run`` chose); runs started
-directly go to one experiment per dataset (``MLFLOW_EXPERIMENT_NAME`` overrides).
+are attached through ``MLFLOW_RUN_ID``; runs started directly go to the same experiment ``mlflow run``
+would use (:func:`experiment_name`), so both kinds of run of one project land side by side.
 A run whose process is killed outright (SIGKILL) is closed as KILLED by the next command
-(owners.py); a resumed run logs no metric point twice (:class:`RunHandle`).
+(owners.py); a resumed run logs no metric point twice (:class:`RunHandle`). Every run samples
+system metrics (``system/...``, every 10 s) unless ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false``.
 """
 from __future__ import annotations
 
@@ -25,13 +26,34 @@ from asib_core.faults import fault_point
 from .owners import ORPHAN_TAG, OWNER_TAG, close_orphans, owner_id
 from .store import artifact_root
 
+SYSTEM_METRICS_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"
 ERROR_TAG = "asib.error"
 PRUNED_TAG = "asib.pruned"
 MAX_TAG = 5000
 
 
-def experiment_for(dataset: str) -> str:
-    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or dataset
+DEFAULT_EXPERIMENT = "Default"   # MLflow's own default experiment (id 0): where `mlflow run` puts runs
+
+
+def experiment_name() -> str:
+    """The MLflow experiment new runs go to, chosen exactly as ``mlflow run`` chooses it:
+    ``MLFLOW_EXPERIMENT_NAME``, else the experiment of ``MLFLOW_EXPERIMENT_ID``, else MLflow's
+    ``Default`` experiment. (``mlflow run --experiment-name X`` passes X on to every step.)"""
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if name:
+        return name
+    exp_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if exp_id:
+        with contextlib.suppress(MlflowException):
+            return MlflowClient().get_experiment(exp_id).name
+    return DEFAULT_EXPERIMENT
+
+
+def system_metrics_enabled() -> bool:
+    """System metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) are logged by every run
+    unless ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` is set to something other than true/1."""
+    value = (os.environ.get(SYSTEM_METRICS_ENV) or "").strip().lower()
+    return value in ("", "true", "1")
 
 
 def ensure_experiment(name: str) -> str:
@@ -95,6 +117,7 @@ def open_run(*, experiment: str, run_name: str, tags: dict, resume_run_id: str |
     one call); a resumed run is taken over (RUNNING, this owner, its known metric points loaded).
     """
     close_orphans()
+    system_metrics = system_metrics_enabled()
     attached = os.environ.get("MLFLOW_RUN_ID")
     client = MlflowClient()
     all_tags = {k: str(v)[:MAX_TAG] for k, v in tags.items()}
@@ -112,19 +135,20 @@ def open_run(*, experiment: str, run_name: str, tags: dict, resume_run_id: str |
         os.environ.pop("MLFLOW_RUN_ID", None)
     if resume_run_id:
         client.set_tag(resume_run_id, OWNER_TAG, all_tags[OWNER_TAG])
-        run = mlflow.start_run(run_id=resume_run_id, nested=nested)
+        run = mlflow.start_run(run_id=resume_run_id, nested=nested, log_system_metrics=system_metrics)
         client.update_run(resume_run_id, status="RUNNING")
         stale = [t for t in (ORPHAN_TAG, ERROR_TAG) if t in client.get_run(resume_run_id).data.tags]
         for tag in stale:   # how the run ended before: no longer true
             client.delete_tag(resume_run_id, tag)
     elif attached:
         client.set_tag(attached, OWNER_TAG, all_tags[OWNER_TAG])
-        run = mlflow.start_run(run_id=attached, run_name=run_name, nested=nested)
+        run = mlflow.start_run(run_id=attached, run_name=run_name, nested=nested, log_system_metrics=system_metrics)
         if mlflow.get_run(attached).info.run_name != run_name:
             client.update_run(attached, name=run_name)
     else:
         exp_id = ensure_experiment(experiment)
-        run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, nested=nested, tags=all_tags)
+        run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, nested=nested, tags=all_tags,
+                               log_system_metrics=system_metrics)
     handle = RunHandle(run.info.run_id, run.info.experiment_id, bool(resume_run_id))
     fault_point("run.created")
     mlflow.set_tags(all_tags)

@@ -48,6 +48,7 @@ PROBE_TRIES = 3
 def configure_tracking(workdir: str | Path | None = None) -> str:
     """Set the tracking URI (env wins), make sure its store can be used, and return it."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in logs
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         root = Path(workdir or os.getcwd()).resolve()

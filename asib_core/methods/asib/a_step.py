@@ -12,12 +12,16 @@ Epoch ``e`` (0-based within the stage's ``teacher_adapt_epochs`` epochs), per ba
     window    W = min(synergy_only_epochs, teacher_adapt_epochs - 1)
     e <  W:  L = mean_b CE_ls(syn_b, y_b)                          (synergy-only window)
     e >= W:  L = synergy_ce_alpha * mean_b cw_b CE_ls(syn_b, y_b)
+               + w_kd * mean_b cw_b tau^2 KL(softmax(s_b/tau) || softmax(syn_b/tau))   [gate, below]
                + beta(stage, e) * mean_b KL(N(mu_b, std_b^2) || N(0, I))   [use_ib, KL epochs]
                + cccp_alpha * ramp * tau^2 * mean_b KL(softmax(s_b/tau) || softmax(syn_b/tau))
                                                                    [use_cccp and use_cccp_in_a]
     always:    + ib_mbm_reg_lambda * mean over IB_MBM/head tensors of mean(p^2)
 
-with ``CE_ls`` the cross-entropy with ``label_smoothing``, ``cw_b = clamp(mean_j
+with ``w_kd = teacher_adapt_alpha_kd`` (null: ``kd_alpha``), on (spec 3.4 step 4) when
+``enable_kd_after_syn_acc`` is 0 or the latest validation synergy accuracy (the previous
+A-step epoch's, else the previous stage's gate value, else 0) reaches it; ``CE_ls`` the
+cross-entropy with ``label_smoothing``, ``cw_b = clamp(mean_j
 exp(-logvar_bj), min_cw, 1)`` (detached; 1 without ``use_ib``), the KL epochs
 ``W <= e < W + ib_epochs_per_stage`` and ``beta``, ``ramp`` as in ``settings.py``. After
 every epoch the synergy accuracy on the validation split is measured (``a_step/syn_acc``);
@@ -66,8 +70,9 @@ def param_l2(modules) -> torch.Tensor:
     return torch.stack([p.float().pow(2).mean() for p in tensors]).mean()
 
 
-def a_step_losses(distiller, batch, stage: int, epoch: int):
-    """One A-step batch: ``(synergy logits, {name: weighted loss})``; records diagnostics."""
+def a_step_losses(distiller, batch, stage: int, epoch: int, syn_acc: float = math.nan):
+    """One A-step batch: ``(synergy logits, {name: weighted loss})``; records diagnostics.
+    ``syn_acc``: the latest validation synergy accuracy (gates the KD toward the student)."""
     s = distiller.settings
     with torch.no_grad():
         sout = distiller.student(batch.x)
@@ -88,6 +93,12 @@ def a_step_losses(distiller, batch, stage: int, epoch: int):
     stats["a_step/cw_mean"] = float(cw.mean())
     w_ce = 1.0 if in_window else s.synergy_ce_alpha
     losses = {"syn_ce": w_ce * (cw * ce_vec).mean()}
+    kd_open = s.a_kd_open(epoch, syn_acc)
+    stats["a_step/kd_open"] = float(kd_open)
+    if kd_open:
+        kd_raw = (cw * cccp_loss(syn, student_logits, s.tau_a, reduction="none")).mean()
+        stats["a_step/kd_raw"] = float(kd_raw.detach())
+        losses["kd"] = s.a_kd_alpha * kd_raw
     if s.use_ib:
         kl_raw = gaussian_kl(ib.mu, ib.effective_logvar, reduction="batchmean")
         beta = s.beta(stage, epoch)
@@ -244,7 +255,8 @@ class AStep:
         epochs = s.adapt_epochs
 
         def step_fn(batch, e):
-            return a_step_losses(d, batch, self.stage, e)
+            recent = self.last_acc if self.last_acc == self.last_acc else d.gate.syn_acc
+            return a_step_losses(d, batch, self.stage, e, recent)
 
         def extra(e):
             acc = synergy_accuracy(d, runner.val_loader, runner.precision)

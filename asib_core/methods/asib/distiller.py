@@ -9,46 +9,57 @@ Then the engine runs the stage's B-step epochs through :meth:`forward_train`:
     L = ce_alpha * CE_ls(s, y)
       + kd_alpha * kd_ramp * c * mean_b w_b * k_b                       (logit KD)
       + feat_kd_alpha * mean_b cw_b * d(f_b, mu_b)                     (feature KD, gate open)
+      + hybrid_beta * mean_b tau^2 KL(q_avg || p^tau)                  (spec 3.6.9, always)
 
-Teachers, the IB query and the student all see the same (Mixup/CutMix-mixed) batch.
+``q_avg`` is the ``avg`` ensemble (``teacher_weights``); when ``ce_alpha + hybrid_beta > 1``
+both ``ce_alpha`` and ``kd_alpha`` are multiplied by ``1 - hybrid_beta`` (spec 3.6.9).
+
+The student and the teachers' KD targets see the same (Mixup/CutMix-mixed) batch. IB_MBM is
+queried as it was trained and gated: eval-mode student features and teacher tokens of the clean
+images; its per-sample outputs (synergy probabilities, certainty weights, mu) are mixed like the
+labels, ``lam * v + (1 - lam) * v[perm]`` (``Batch.mix``).
 ``k_b`` is the per-sample KD value toward the sample's target (targets.py):
 
 * ensemble-taught samples: ``tau^2 KL(q_ens || p^tau)``;
 * synergy-taught samples (``synergy``: all samples, ``auto``: those whose synergy label-CE
   is not worse than the ensemble's; only while the gate is open):
-  ``tau_s^2 KL(q_syn || p^tau_s) + hybrid_beta * tau^2 KL(q_ens || p^tau)`` with
+  ``tau_s^2 KL(q_syn || p^tau_s)`` with
   ``q_syn = (1 - a) softmax(synergy_logit_scale * head(mu) / tau_s) + a q_ens^tau_s``,
-  ``tau_s = tau_syn`` (or tau), ``a`` the ensemble share (``kd_ens_alpha`` ramping to
-  ``kd_ens_alpha_max`` over the stage's B-step epochs), ``head(z)`` with a sampled ``z``
+  ``tau_s = tau_syn`` (or tau), ``a`` the ensemble share (``kd_ens_alpha`` in the first
+  ``teacher_adapt_kd_warmup`` B-step epochs of the stage, then 0; opt-in ``kd_ens_alpha_ramp``:
+  rising to ``kd_ens_alpha_max`` over the stage), ``head(z)`` with a sampled ``z``
   instead of ``mu`` when ``use_mu_for_kd: false``.
 
 ``w_b`` = IB certainty weight (``use_ib`` and the synergy teaching: ``clamp(m_b / mean m,
 min_cw, max_cw)``, ``m_b = mean_j exp(-logvar_bj)``) times the overlap validity (teacher
 mode). ``c`` is the engine's ``kd_max_ratio`` cap of the weighted KD term (runner.py).
-Feature KD: per-sample mean over dims of the Huber(``feat_kd_huber_beta``)
-or squared distance between the student's ``feat_kd_key`` feature and the detached IB
-``mu``, capped per sample at ``feat_kd_clip``.
+Feature KD (spec 3.6.6 scale, targets.feature_kd_term): per sample the sum over dims of the
+Huber(``feat_kd_huber_beta``) or squared distance between the student's ``feat_kd_key`` feature
+and the detached IB ``mu``, with ``feat_kd_clip`` capping the per-dimension mean.
 """
 from __future__ import annotations
 
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from asib_core.config.errors import ConfigError
 from asib_core.config.finalize import finalize_with_runtime
-from asib_core.losses import certainty_weights, feature_kd_loss
+from asib_core.losses import certainty_weights
 
 from asib_core.contract import Batch, Distiller, TrainContext
 from ..targets import selected_teacher
 from ..registry import register_method
 from . import ppf
 from .a_step import AStep, synergy_accuracy
+from .config_warnings import config_warnings
 from .ib_mbm import IBMBM, SynergyHead
 from .settings import ASIBSettings
 from .teacher_cache import TeacherFeatureCache
-from .targets import GateState, auto_choice, ensemble_target, kd_vector, synergy_target, teacher_mask
+from .targets import (GateState, auto_choice, ensemble_target, feature_kd_term, kd_vector, synergy_target,
+                      teacher_mask)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +88,10 @@ class ASIB(Distiller):
         self.stage_epochs = [int(e) for e in cfg.get("student_epochs_per_stage") or [1]]
         self.num_classes = int(student.num_classes)
         self.gate = GateState(threshold=s.gate_threshold)
+        if s.hybrid_beta > 0 and self.ce_alpha + s.hybrid_beta > 1.0:
+            # spec 3.6.9: the hybrid ensemble term takes its share from CE and KD
+            self.ce_alpha *= 1.0 - s.hybrid_beta
+            self.kd_alpha *= 1.0 - s.hybrid_beta
         self._ppf_stage = -1
         self._frozen_bn: list[nn.Module] = []
         #: the teachers' validation features, kept while their backbones cannot change
@@ -138,27 +153,8 @@ class ASIB(Distiller):
         return mask
 
     def _warn_about_config(self) -> None:
-        s = self.settings
-        first = s.freeze_level("student", 0)
-        if first >= 0 and not (self.cfg.get("model", {}).get("student", {}) or {}).get("pretrained"):
-            log.warning("ASIB: PPF freezes the student at level %d from the first stage, but the student is "
-                        "trained from scratch (pretrained: false): its frozen layers keep their random "
-                        "initialisation for that stage. (In the seed, method/asib.yaml sets "
-                        "use_partial_freeze: true, student_freeze_level: 1 for every experiment that leaves "
-                        "them unset, e.g. L0-L3.) Set experiment.use_partial_freeze=false, or a schedule that "
-                        "starts at -1 as L4 does, to train the whole student.", first)
-        if s.adapt_epochs > 0 and not s.synergy_consumed:
-            log.warning("ASIB: the A-step trains the synergy, but the B-step never uses it (kd_target=%s, "
-                        "feat_kd_alpha=0): the A-step (IB, CCCP) cannot change the student in this run.",
-                        s.kd_target)
-        if s.adapt_epochs == 0 and s.synergy_consumed:
-            log.warning("ASIB: teacher_adapt_epochs=0, so the synergy is never trained and its gate stays "
-                        "closed: kd_target=%s teaches with the weighted_conf ensemble and feature KD is off "
-                        "for the whole run.", s.kd_target)
-        if s.use_ib and s.adapt_epochs > 0 and s.ib_beta > 0 and s.kl_epochs_per_stage == 0:
-            log.warning("ASIB: use_ib=true and ib_beta=%g but ib_epochs_per_stage=%d: the IB KL term never "
-                        "switches on (the latent is still sampled in the A-step).", s.ib_beta,
-                        s.ib_epochs_per_stage)
+        for message in config_warnings(self.settings, self.cfg, self.ib_mbm is not None):
+            log.warning("ASIB: %s", message)
 
     # -- modes -----------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -242,6 +238,26 @@ class ASIB(Distiller):
             runner.log_metrics({**self.gate.metrics(), "stage": stage + 1})
 
     # -- B-step ------------------------------------------------------------------
+    @torch.no_grad()
+    def _clean_synergy(self, batch: Batch, touts: list[dict]):
+        """IB_MBM queried as it was trained and gated: the student's ``feat_kd_key`` feature in
+        eval mode (no BN statistics update) and the teachers' tokens, both of the clean images
+        (``batch.x_clean``; the batch itself when it was not mixed). The caller mixes the
+        per-sample results like the labels (``Batch.mix``)."""
+        clean = batch.x_clean if batch.x_clean is not None else batch.x
+        flags = [m.training for m in self.student.modules()]
+        self.student.eval()
+        try:
+            query = self.student(clean)[self.settings.feat_kd_key]
+        finally:
+            for m, flag in zip(self.student.modules(), flags):
+                m.training = flag
+        if clean is batch.x:
+            tokens = [self._token(o) for o in touts]
+        else:
+            tokens = [self._token(t(clean)) for t in self.teachers]
+        return self.ib_mbm(query, tokens, sample=not self.settings.use_mu_for_kd)
+
     def forward_train(self, batch: Batch, ctx: TrainContext):
         s = self.settings
         out = self.student(batch.x)
@@ -252,14 +268,16 @@ class ASIB(Distiller):
         gate_open = self.ib_mbm is not None and self.gate.open
         syn_teaches = gate_open and s.uses_synergy_target and kd_w > 0
         feat_on = gate_open and s.feat_kd_alpha > 0
+        hybrid_on = s.hybrid_beta > 0
         stats = {"gate/open": float(gate_open), "kd/tau": ctx.tau, "kd/syn_ratio": 0.0}
         if self.gate.syn_acc == self.gate.syn_acc:
             stats["gate/syn_acc"] = self.gate.syn_acc
-        if kd_w <= 0 and not feat_on:
+        if kd_w <= 0 and not feat_on and not hybrid_on:
             self.record(**stats)
             return logits, losses
 
-        need_all = syn_teaches or feat_on or s.kd_target != "teacher" or s.use_overlap_sampling
+        need_all = (syn_teaches or feat_on or hybrid_on or s.kd_target != "teacher"
+                    or s.use_overlap_sampling)
         with torch.no_grad():
             if need_all:
                 touts = [t(batch.x) for t in self.teachers]
@@ -270,11 +288,9 @@ class ASIB(Distiller):
         mask = teacher_mask(self.overlap_subsets, batch, len(self.teachers))
         ib = cw = None
         if syn_teaches or feat_on:
-            with torch.no_grad():
-                ib = self.ib_mbm(out[s.feat_kd_key].detach(), [self._token(o) for o in touts],
-                                 sample=not s.use_mu_for_kd)
+            ib = self._clean_synergy(batch, touts)
             if s.use_ib:
-                cw = certainty_weights(ib.effective_logvar, s.min_cw, s.max_cw, normalize=True)
+                cw = batch.mix(certainty_weights(ib.effective_logvar, s.min_cw, s.max_cw, normalize=True))
                 stats["kd/cw_mean"] = float(cw.mean())
 
         if kd_w > 0:
@@ -294,13 +310,11 @@ class ASIB(Distiller):
                 q_ens_s = q_ens
                 if a > 0 and tau_s != tau:
                     q_ens_s = ensemble_target(ens_mode, self.cfg, tlogits, tau_s, mask)[0]
-                q_syn = synergy_target(z_syn, s.synergy_logit_scale, tau_s, q_ens_s, a)
+                q_syn = synergy_target(z_syn, s.synergy_logit_scale, tau_s, q_ens_s, a, mix=batch.mix)
                 k_syn = kd_vector(logits, q_syn, tau_s)
-                if s.hybrid_beta > 0:
-                    k_syn = k_syn + s.hybrid_beta * k_vec
                 if s.kd_target == "auto":
                     q_ens_1 = ensemble_target(ens_mode, self.cfg, tlogits, 1.0, mask)[0]
-                    choose = auto_choice(z_syn, q_ens_1, batch)
+                    choose = auto_choice(batch.mix(F.softmax(z_syn, dim=-1)), q_ens_1, batch)
                 else:
                     choose = torch.ones_like(k_vec, dtype=torch.bool)
                 k_vec = torch.where(choose, k_syn, k_vec)
@@ -314,13 +328,16 @@ class ASIB(Distiller):
             if mask is not None:
                 stats["kd/overlap_teachers_per_sample"] = float(mask.float().sum(1).mean())
 
+        if hybrid_on:
+            tlogits = [o["logit"] for o in touts]
+            q_avg, valid = ensemble_target("avg", self.cfg, tlogits, ctx.tau, mask)
+            hybrid_raw = (valid * kd_vector(logits, q_avg, ctx.tau)).mean()
+            losses["hybrid"] = s.hybrid_beta * hybrid_raw
+            stats["hybrid/raw"] = float(hybrid_raw.detach())
+
         if feat_on:
-            f_vec = feature_kd_loss(out[s.feat_kd_key], ib.mu, clip=s.feat_kd_clip,
-                                    huber_beta=s.feat_kd_huber_beta, reduction="none",
-                                    feature_reduction="mean", clip_mode="sample", detach_target=True)
-            f_w = cw if cw is not None else torch.ones_like(f_vec)
-            feat_raw = (f_w * f_vec).mean()
-            losses["feat_kd"] = s.feat_kd_alpha * feat_raw
+            losses["feat_kd"], feat_raw = feature_kd_term(out[s.feat_kd_key], batch.mix(ib.mu), cw,
+                                                          s.feat_kd_alpha, s.feat_kd_clip, s.feat_kd_huber_beta)
             stats["feat_kd/raw"] = float(feat_raw.detach())
         self.record(**stats)
         return logits, losses

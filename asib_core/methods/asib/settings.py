@@ -84,7 +84,8 @@ class ASIBSettings:
     # -- CCCP -----------------------------------------------------------------
     cccp_on: bool
     cccp_alpha: float
-    cccp_warmup: int          # teacher_adapt_kd_warmup
+    cccp_ramp_epochs: int     # cccp_ramp_epochs
+    a_kd_alpha: float         # teacher_adapt_alpha_kd (null: kd_alpha): A-step KD toward the student
     tau_a: float              # fixed `tau` of the A-step (CCCP)
     # -- B-step ---------------------------------------------------------------
     ce_label_smoothing: float
@@ -92,6 +93,8 @@ class ASIBSettings:
     gate_threshold: float
     kd_ens_alpha: float
     kd_ens_alpha_max: float | None
+    kd_ens_epochs: int        # teacher_adapt_kd_warmup: B-step epochs per stage with the ensemble mixed in
+    kd_ens_alpha_ramp: bool
     hybrid_beta: float
     tau_syn: float | None
     synergy_logit_scale: float
@@ -150,24 +153,38 @@ class ASIBSettings:
     def cccp_ramp(self, stage: int, epoch: int) -> float:
         """CCCP weight factor in A-step epoch ``epoch`` of stage ``stage``: 0 inside the window,
         then a linear warm-up over the post-window A-step epochs counted over the whole run,
-        ``min(1, (n + 1) / teacher_adapt_kd_warmup)`` with ``n = stage * (E - W) + epoch - W``
-        (1 when ``teacher_adapt_kd_warmup`` is 0)."""
+        ``min(1, (n + 1) / cccp_ramp_epochs)`` with ``n = stage * (E - W) + epoch - W``
+        (1 when ``cccp_ramp_epochs`` is 0)."""
         if not self.cccp_on or epoch < self.window:
             return 0.0
-        if self.cccp_warmup <= 0:
+        if self.cccp_ramp_epochs <= 0:
             return 1.0
         n = stage * (self.adapt_epochs - self.window) + (epoch - self.window)
-        return min(1.0, (n + 1) / self.cccp_warmup)
+        return min(1.0, (n + 1) / self.cccp_ramp_epochs)
 
     def ens_alpha(self, epoch_in_stage: int, stage_epochs: int) -> float:
-        """Ensemble share of the synergy target in B-step epoch ``epoch_in_stage`` of a
-        stage with ``stage_epochs`` epochs: linear from ``kd_ens_alpha`` (first epoch) to
-        ``kd_ens_alpha_max`` (last epoch); constant ``kd_ens_alpha`` when the max is null."""
+        """Ensemble share of the synergy target in B-step epoch ``epoch_in_stage`` (0-based)
+        of a stage with ``stage_epochs`` epochs.
+
+        Spec 3.6.3: ``kd_ens_alpha`` in the first ``teacher_adapt_kd_warmup`` epochs of each
+        stage, 0 (pure synergy) after them. Opt-in ``kd_ens_alpha_ramp: true`` instead: linear
+        from ``kd_ens_alpha`` (first epoch) to ``kd_ens_alpha_max`` (last epoch) of every stage.
+        """
         start = self.kd_ens_alpha
+        if not self.kd_ens_alpha_ramp:
+            return start if epoch_in_stage < self.kd_ens_epochs else 0.0
         end = start if self.kd_ens_alpha_max is None else self.kd_ens_alpha_max
         if stage_epochs <= 1:
             return start
         return start + (end - start) * min(epoch_in_stage, stage_epochs - 1) / (stage_epochs - 1)
+
+    def a_kd_open(self, epoch: int, syn_acc: float) -> bool:
+        """Spec 3.4 step 4: the A-step KD toward the student is on after the window, with a
+        positive weight, when the threshold is 0 or the latest validation synergy accuracy
+        ``syn_acc`` (NaN: none measured yet, read as 0) reaches it."""
+        acc = 0.0 if syn_acc != syn_acc else syn_acc
+        return (epoch >= self.window and self.a_kd_alpha > 0
+                and (self.gate_threshold <= 0 or acc >= self.gate_threshold))
 
     def freeze_level(self, role: str, stage: int) -> int:
         if not self.use_partial_freeze:
@@ -314,13 +331,17 @@ class ASIBSettings:
             synergy_head_dropout=_float(cfg, "synergy_head_dropout", 0.0) or 0.0,
             cccp_on=use_cccp and in_a,
             cccp_alpha=_float(cfg, "cccp_alpha", 0.2),
-            cccp_warmup=_int(cfg, "teacher_adapt_kd_warmup", 0),
+            cccp_ramp_epochs=_int(cfg, "cccp_ramp_epochs", 2),
+            a_kd_alpha=(_float(cfg, "teacher_adapt_alpha_kd", None) if cfg.get("teacher_adapt_alpha_kd") is not None
+                        else _float(cfg, "kd_alpha", 1.0)),
             tau_a=tau_a,
             ce_label_smoothing=_float(cfg, "ce_label_smoothing", 0.0) or 0.0,
             kd_target=kd_target,
             gate_threshold=threshold,
             kd_ens_alpha=ens,
             kd_ens_alpha_max=ens_max,
+            kd_ens_epochs=_int(cfg, "teacher_adapt_kd_warmup", 0),
+            kd_ens_alpha_ramp=_bool(cfg, "kd_ens_alpha_ramp", False),
             hybrid_beta=_float(cfg, "hybrid_beta", 0.0) or 0.0,
             tau_syn=tau_syn,
             synergy_logit_scale=scale,
@@ -339,8 +360,9 @@ class ASIBSettings:
         )
         for key in ("synergy_ce_alpha", "a_step_lr", "ib_mbm_lr_factor", "cccp_alpha", "ib_beta",
                     "hybrid_beta", "feat_kd_alpha", "ib_mbm_reg_lambda", "label_smoothing",
-                    "ib_beta_warmup_epochs", "ib_epochs_per_stage", "teacher_adapt_kd_warmup"):
-            name = "cccp_warmup" if key == "teacher_adapt_kd_warmup" else key
+                    "ib_beta_warmup_epochs", "ib_epochs_per_stage", "teacher_adapt_kd_warmup",
+                    "cccp_ramp_epochs", "teacher_adapt_alpha_kd"):
+            name = {"teacher_adapt_kd_warmup": "kd_ens_epochs", "teacher_adapt_alpha_kd": "a_kd_alpha"}.get(key, key)
             value = values[name]
             if value is None or (isinstance(value, float) and math.isnan(value)) or value < 0:
                 raise ConfigError(f"{key}={value!r} must be a number >= 0.")

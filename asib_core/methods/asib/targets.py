@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from asib_core.losses import soft_target_kd_loss
+from asib_core.losses import feature_kd_loss, soft_target_kd_loss
 from asib_core.methods.targets import selected_teacher, teacher_weights
 
 
@@ -76,9 +76,12 @@ def ensemble_target(mode: str, cfg: dict, teacher_logits: list[torch.Tensor], ta
 
 @torch.no_grad()
 def synergy_target(synergy_logits: torch.Tensor, scale: float, tau: float, ensemble_probs: torch.Tensor,
-                   ens_alpha: float) -> torch.Tensor:
-    """``(1 - a) * softmax(scale * z / tau) + a * ensemble`` (probabilities at ``tau``)."""
+                   ens_alpha: float, mix=None) -> torch.Tensor:
+    """``(1 - a) * mix(softmax(scale * z / tau)) + a * ensemble`` (probabilities at ``tau``);
+    ``mix`` (``Batch.mix``) turns the clean images' synergy into targets of the mixed batch."""
     q = F.softmax(scale * synergy_logits.float() / tau, dim=-1)
+    if mix is not None:
+        q = mix(q)
     if ens_alpha <= 0:
         return q
     return (1.0 - ens_alpha) * q + ens_alpha * ensemble_probs
@@ -99,10 +102,28 @@ def label_ce(probs_or_logits: torch.Tensor, batch, is_logits: bool) -> torch.Ten
 
 
 @torch.no_grad()
-def auto_choice(synergy_logits: torch.Tensor, ensemble_probs_t1: torch.Tensor, batch) -> torch.Tensor:
+def auto_choice(synergy_probs_t1: torch.Tensor, ensemble_probs_t1: torch.Tensor, batch) -> torch.Tensor:
     """``auto``: sample b is taught by the synergy iff its label CE is not worse than the
-    ensemble's (both at temperature 1, mixed labels weighted by lambda)."""
-    return label_ce(synergy_logits, batch, True) <= label_ce(ensemble_probs_t1, batch, False)
+    ensemble's (both probabilities at temperature 1, mixed labels weighted by lambda)."""
+    return label_ce(synergy_probs_t1, batch, False) <= label_ce(ensemble_probs_t1, batch, False)
+
+
+def feature_kd_term(student_feat: torch.Tensor, mu: torch.Tensor, weights: torch.Tensor | None, alpha: float,
+                    clip: float | None, huber_beta: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """B-step feature KD at the spec's scale (3.6.6: a sum over the feature dimensions).
+
+    ``v_b = D * min(mean_j e_bj, clip)`` with ``e`` the squared error (or Huber with
+    ``huber_beta``) between the student feature and the detached ``mu``, ``D`` the width: the
+    sum over dimensions, with ``feat_kd_clip`` capping the per-dimension mean (the sum at
+    ``clip * D``). Returns ``(alpha * mean_b w_b v_b, mean_b w_b v_b)`` (weighted term, raw):
+    the effective weight of the per-dimension mean is ``alpha * D`` (0.25 * 512 = 128 in L1/L3/L4).
+    """
+    width = int(student_feat.shape[-1])
+    per_dim = feature_kd_loss(student_feat, mu, clip=clip, huber_beta=huber_beta, reduction="none",
+                              feature_reduction="mean", clip_mode="sample", detach_target=True)
+    w = weights if weights is not None else torch.ones_like(per_dim)
+    raw = width * (w * per_dim).mean()
+    return alpha * raw, raw
 
 
 def kd_vector(student_logits: torch.Tensor, probs: torch.Tensor, tau: float) -> torch.Tensor:
