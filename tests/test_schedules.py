@@ -143,11 +143,14 @@ def test_loss_clamp_above_the_cap(mode, value, grad):
 
 
 def test_kd_cap_scales_kd_to_ratio_times_ce():
-    cfg = {"kd_max_ratio": 2.0, "kd_warmup_epochs": 1}
-    losses = {"ce": torch.tensor(0.5), "kd": torch.tensor(3.0)}
-    capped, factor = kd_cap(losses, cfg, epoch=1)
-    assert factor == pytest.approx(1 / 3) and float(capped["kd"]) == pytest.approx(1.0)
-    assert float(capped["ce"]) == 0.5 and float(losses["kd"]) == 3.0  # the input is not modified
-    assert kd_cap({"ce": torch.tensor(0.5), "kd": torch.tensor(0.9)}, cfg, 1)[1] == 1.0  # under the cap
-    assert kd_cap(losses, cfg, epoch=0) == (losses, 1.0)                                  # KD warm-up
-    assert kd_cap(losses, {}, epoch=3) == (losses, 1.0)                                   # no cap
+    """The raw terms are compared: CE 0.25 at weight 0.5 is 0.5, KD 2.7 at weight 0.9 is 3.0."""
+    cfg, weights = {"kd_max_ratio": 2.0, "kd_warmup_epochs": 1}, (0.5, 0.9)
+    losses = {"ce": torch.tensor(0.25), "kd": torch.tensor(2.7)}
+    capped, factor = kd_cap(losses, cfg, 1, weights)
+    assert factor == pytest.approx(1 / 3) and float(capped["kd"]) == pytest.approx(0.9)  # raw KD 1.0 = 2 x 0.5
+    assert float(capped["ce"]) == 0.25 and float(losses["kd"]) == pytest.approx(2.7)  # the input is kept
+    under = {"ce": torch.tensor(0.25), "kd": torch.tensor(0.81)}                        # raw KD 0.9 < 1.0
+    assert kd_cap(under, cfg, 1, weights) == (under, 1.0)
+    assert kd_cap(losses, cfg, 0, weights) == (losses, 1.0)                             # KD warm-up
+    assert kd_cap(losses, {}, 3, weights) == (losses, 1.0)                              # no cap
+    assert kd_cap(losses, cfg, 1, (0.5, 0.0)) == (losses, 1.0)                          # KD off
