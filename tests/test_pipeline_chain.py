@@ -98,3 +98,16 @@ def test_config_error_exits_2_without_a_running_run(tmp_path):
     out = run_module("pipelines.distill", ["exp=quickstart", "experiment.tau=hot"], tmp_path)
     assert out.returncode == 2 and "tau" in out.stderr
     assert all(r.info.status != "RUNNING" for r in all_runs(tmp_path))
+
+
+@pytest.mark.parametrize("method, baseline, expected", [
+    ("kd", "ce", [("distill", ["x=1"]), ("baseline_ce", ["x=1", "method=ce"])]),
+    ("kd", "none", [("distill", ["x=1"])]),
+    ("kd", "", [("distill", ["x=1"])]),
+    ("ce", "ce", [("distill", ["x=1"])]),          # the baseline would repeat the run itself
+    ("asib", "dkd", [("distill", ["x=1"]), ("baseline_dkd", ["x=1", "method=dkd"])]),
+])
+def test_main_baseline_option_decides_the_distill_runs(method, baseline, expected):
+    from asib_core.pipeline.chain import chain_variants
+
+    assert chain_variants(method, ["x=1"], baseline) == expected
