@@ -140,7 +140,8 @@ def run_distill(exp: str, overrides: list[str], *, parent_run_id: str | None = N
     state_dir = Path(state_root or cfg.get("checkpoint_dir") or "checkpoints/runs") / f"distill-{identity[:20]}"
     check_writable_dir(state_dir, "checkpoint_dir: the run's state folder")  # before the run exists
     tags = run_tags(cfg, "distill", lock.sha256, teachers="+".join(teacher_names(cfg)) if sources else "none",
-                    student=cfg["model"]["student"]["name"], **{"asib.identity": identity})
+                    student=cfg["model"]["student"]["name"],
+                    **{"asib.identity": identity, "asib.world_size": str(dist.world_size)})
     tags.update({f"{s.role}_run": s.run_id for s in sources if s.run_id})
     tags.update(extra_tags or {})
     hooks = {"inject_nonfinite": inject_nonfinite, "on_epoch_end": on_epoch_end}
