@@ -116,10 +116,7 @@ def _run_chain(exp: str, overrides: list[str], env_manager: str, baseline: str, 
                 step(f"finetune_{role}", "finetune",
                      {"teacher": teacher, "dataset": dataset, "overrides": shlex.join(ft_over)},
                      identity_hash(ft_cfg), "finetune", f"finetune {teacher} on {dataset}")
-        variants = [("distill", overrides)]
-        if baseline and baseline != "none" and cfg["method_name"] != baseline:
-            variants.append((f"baseline_{baseline}", [*overrides, f"method={baseline}"]))
-        for name, over in variants:
+        for name, over in chain_variants(cfg["method_name"], overrides, baseline):
             vcfg = resolve_experiment(exp, over).cfg
             sources = resolve_teachers(vcfg) if get_method(vcfg["method_name"]).needs_teachers else []
             identity = run_identity(vcfg, [s.path for s in sources])
@@ -132,6 +129,15 @@ def _run_chain(exp: str, overrides: list[str], env_manager: str, baseline: str, 
         parent.log_metrics(result.metrics, step=0)
         _log_summary(parent.run_id, result)
     return result
+
+
+def chain_variants(method: str, overrides: list[str], baseline: str) -> list[tuple[str, list[str]]]:
+    """The distill runs of a chain: the experiment's own, then the same setup with the baseline
+    method (``baseline=none``, or a baseline equal to the method, adds none)."""
+    variants = [("distill", list(overrides))]
+    if baseline and baseline != "none" and method != baseline:
+        variants.append((f"baseline_{baseline}", [*overrides, f"method={baseline}"]))
+    return variants
 
 
 def _explicit_ckpt(cfg: dict, role: str) -> bool:
