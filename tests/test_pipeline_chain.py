@@ -111,3 +111,17 @@ def test_main_baseline_option_decides_the_distill_runs(method, baseline, expecte
     from asib_core.pipeline.chain import chain_variants
 
     assert chain_variants(method, ["x=1"], baseline) == expected
+
+
+@pytest.mark.parametrize("metrics, expected", [
+    ({"distill/test_acc": 0.95, "baseline_ce/test_acc": 0.881},
+     "the distilled student reaches 95.0 % test accuracy, 6.9 points above the same student trained by ce alone "
+     "(88.1 %)"),
+    ({"distill/test_acc": 0.80, "baseline_ce/test_acc": 0.85}, "5.0 points below"),
+    ({"distill/test_acc": 0.80}, None),
+])
+def test_main_states_how_far_distillation_is_from_the_baseline(metrics, expected):
+    from asib_core.pipeline.chain import ChainResult
+
+    verdict = ChainResult(parent_run_id="x", metrics=metrics).verdict()
+    assert verdict == expected if expected is None or expected.startswith("the ") else expected in verdict

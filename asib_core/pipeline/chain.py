@@ -41,6 +41,19 @@ class ChainResult:
     reused: dict = field(default_factory=dict)    # name -> bool
     metrics: dict = field(default_factory=dict)
 
+    def verdict(self) -> str | None:
+        """One sentence: the distilled student's test accuracy against the baseline's (None
+        without a baseline run)."""
+        ours = self.metrics.get("distill/test_acc")
+        name, base = next(((k.split("/")[0], v) for k, v in self.metrics.items()
+                           if k.startswith("baseline_") and k.endswith("/test_acc")), (None, None))
+        if ours is None or base is None:
+            return None
+        gap = 100 * (ours - base)
+        word = "above" if gap > 0 else "below" if gap < 0 else "equal to"
+        return (f"the distilled student reaches {100 * ours:.1f} % test accuracy, {abs(gap):.1f} points "
+                f"{word} the same student trained by {name.removeprefix('baseline_')} alone ({100 * base:.1f} %)")
+
 
 def reusable_run(step: str, identity: str, *, force: bool = False):
     """The newest FINISHED ``step`` run with this identity (config, teacher files and code
@@ -150,4 +163,6 @@ def _log_summary(run_id: str, result: ChainResult) -> None:
     lines += [f"| {name} | {rid} | {result.reused.get(name)} |" for name, rid in result.steps.items()]
     lines += ["", "| result | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in result.metrics.items()]
+    if result.verdict():
+        lines += ["", result.verdict()[0].upper() + result.verdict()[1:] + "."]
     MlflowClient().log_text(run_id, "\n".join(lines) + "\n", "summary.md")
