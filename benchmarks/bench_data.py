@@ -1,6 +1,6 @@
 """Throughput of augmented training batches: DeviceBatchLoader vs. a per-image pipeline.
 
-Data: the real CIFAR-10 JPEG set (``/work/shared/data/cifar10-jpeg.tar.gz`` or
+Data: the real CIFAR-10 JPEG set (``../shared/data/cifar10-jpeg.tar.gz`` next to the checkout, ``$ASIB_SHARED_DIR``, or
 ``$ASIB_CIFAR10_JPEG_TAR``), extracted once into ``<cache>/cifar10-jpeg/`` (``<cache>`` =
 ``$ASIB_CACHE_DIR`` or ``~/.cache/asib-kd``) and decoded once through the package's cache.
 
@@ -35,8 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asib_core.data import DeviceBatchLoader, load_split  # noqa: E402
 from asib_core.data.cache import fallback_cache_dir  # noqa: E402
+from asib_core.paths import cifar10_jpeg_tarball  # noqa: E402
 
-TARBALL = Path(os.environ.get("ASIB_CIFAR10_JPEG_TAR", "/work/shared/data/cifar10-jpeg.tar.gz"))
+TARBALL = cifar10_jpeg_tarball()
 
 
 def extracted_root() -> Path:

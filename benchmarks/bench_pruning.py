@@ -15,7 +15,7 @@ The students are the protocol's (configs/benchmark/cifar10_lowdata.yaml `common`
 5,000 images, 30 epochs, SGD + cosine) with the protocol's KD recipe from teacher 1
 (`recipe=kd_paper` when the project has it, else vanilla KD with the same settings), and
 ``--data`` the overrides that reproduce the protocol's student data (what
-``/work/bench/TEACHERS_READY``-style notes name). The sweep searches kd_alpha and tau
+the benchmark protocol names). The sweep searches kd_alpha and tau
 (configs/sweep/kd_tau.yaml) with a random sampler, so both sweeps evaluate the same trials.
 
 How: (1) the sweep runs without pruning (real ``-e sweep`` trials, tracked). (2) Training is

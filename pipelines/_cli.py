@@ -130,11 +130,14 @@ def choice_option(argv: list[str], name: str, default: str, choices: tuple[str, 
 def relaunch_distributed(argv: list[str], module: str) -> None:
     """With ``nproc=N`` (N > 1) outside torchrun, re-exec this module under torchrun."""
     import os
+    import sys
 
     nproc = count_option(argv, "nproc", 1)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        cmd = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", module, *argv]
-        os.execvp(cmd[0], cmd)
+        # torchrun of this interpreter (a `torchrun` on PATH may belong to another environment)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", module, *argv]
+        os.execv(cmd[0], cmd)
 
 
 @contextlib.contextmanager

@@ -178,7 +178,22 @@ def render(path: Path = KEYS_FILE) -> str:
                 f"| {_domain_cell(body)} | {_status_cell(body)} | {_meaning_cell(body)} |"
             )
         parts.append("\n".join(lines) + "\n")
+    parts.append(seed_models_section())
     return "\n".join(parts)
+
+
+def seed_models_section() -> str:
+    """The seed's model keys (configs/registry_key.yaml, registry_map.yaml), checked against the
+    model registry: a key without its model config or of an unknown model stops the docs."""
+    from asib_core.models.seed_registry import seed_registry
+
+    lines = ["## Seed model keys\n",
+             "`configs/registry_key.yaml` / `registry_map.yaml`: the seed's model keys, each a model config "
+             "(`student=KEY`, `teacher1=KEY`) of a registered model.\n",
+             "| role | key | registered model |", "|---|---|---|"]
+    for role, keys in seed_registry().items():
+        lines += [f"| {role} | `{key}` | `{name}` |" for key, name in keys.items()]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

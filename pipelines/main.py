@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}: {run_id}{' (reused)' if result.reused.get(name) else ''}")
         for key, value in result.metrics.items():
             print(f"  {key} = {value:.4f}")
+        if result.verdict():
+            print(f"  {result.verdict()}")
     return 0
 
 

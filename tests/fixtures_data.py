@@ -11,7 +11,6 @@ checked for an exact round trip.
 
 from __future__ import annotations
 
-import os
 import pickle
 import shutil
 import subprocess
@@ -21,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-CIFAR10_JPEG_TARBALL = Path(
-    os.environ.get("ASIB_CIFAR10_JPEG_TAR", "/work/shared/data/cifar10-jpeg.tar.gz")
-)
+from asib_core.paths import cifar10_jpeg_tarball
+
+CIFAR10_JPEG_TARBALL = cifar10_jpeg_tarball()   # ../shared or $ASIB_SHARED_DIR / $ASIB_CIFAR10_JPEG_TAR
 CIFAR10_CLASSES = [
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 ]

@@ -8,9 +8,13 @@ import copy
 import dataclasses
 import math
 
+from pathlib import Path
+
+import mlflow
 import pytest
 import torch
 import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
 
 from asib_core.config.errors import ConfigError
 from asib_core.engine.state import load_state
@@ -19,6 +23,7 @@ from asib_core.methods.asib import IBMBM, ASIBSettings
 from asib_core.methods.asib.a_step import a_step_losses, synergy_accuracy
 from asib_core.methods.asib.targets import ensemble_target, teacher_mask
 from asib_core.contract import Batch, TrainContext
+from asib_core.tracking.runs import RunHandle
 from tests.asib_helpers import asib_cfg, make_run, tiny_data, trained_teacher_states
 
 
@@ -30,10 +35,47 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _logged(run):
-    out = []
-    run.log_metrics = lambda metrics, step=None: out.append(dict(metrics))
-    return out
+@dataclasses.dataclass
+class _StoreTracker(RunHandle):
+    """The run's real tracker, on a sqlite store of its own (the global tracking URI is untouched)."""
+
+    uri: str = ""
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        before = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.uri)
+        try:
+            super().log_metrics(metrics, step)
+        finally:
+            mlflow.set_tracking_uri(before)
+
+
+class _StoreLog:
+    """What the run logged, read back from the store: one dict of metrics per step, in step order."""
+
+    def __init__(self, run, folder: Path):
+        uri = f"sqlite:///{Path(folder) / 'mlflow.db'}"
+        self.client = MlflowClient(uri)
+        exp = self.client.create_experiment("asib-test")
+        self.run_id = self.client.create_run(exp).info.run_id
+        run.tracker = _StoreTracker(self.run_id, exp, False, uri=uri)
+
+    def _steps(self) -> list[dict]:
+        by_step: dict[int, dict] = {}
+        for key in self.client.get_run(self.run_id).data.metrics:
+            for m in self.client.get_metric_history(self.run_id, key):
+                by_step.setdefault(m.step, {})[key] = m.value
+        return [by_step[k] for k in sorted(by_step)]
+
+    def __iter__(self):
+        return iter(self._steps())
+
+    def __getitem__(self, i):
+        return self._steps()[i]
+
+
+def _logged(run, folder: Path) -> _StoreLog:
+    return _StoreLog(run, folder)
 
 
 def _first_batch(run, mixed: bool = False) -> Batch:
@@ -160,7 +202,7 @@ def test_cccp_is_zero_in_the_window_and_nonzero_after_it_in_an_L2_a_step(tmp_pat
     cfg = asib_cfg("L2_cccp", ["experiment.num_stages=1", "experiment.student_epochs_per_stage=[0]",
                                "experiment.dataset.batch_size=16"])
     run, d = make_run(cfg, tiny_data(cfg, per_class=2, val_split=0.02), None, tmp_path)
-    _logged(run)
+    _logged(run, tmp_path)
     run.fit()
     a_steps = [h for h in run.state.history if "a_step/loss" in h]
     assert len(a_steps) == 6                                       # teacher_adapt_epochs 6, window 5
@@ -179,7 +221,7 @@ def test_ppf_leaves_exactly_the_documented_parameters_trainable_in_each_L4_stage
                                "experiment.teacher_adapt_epochs=1", "experiment.dataset.batch_size=16"])
     assert cfg["student_freeze_level_schedule"] == [-1, -1, 1, 1]
     run, d = make_run(cfg, tiny_data(cfg, per_class=2, val_split=0.02), None, tmp_path)
-    logged = _logged(run)
+    logged = _logged(run, tmp_path)
     seen, a_step_teacher, snapshots = {}, {}, {}
     forward_train, teacher_tokens, stage_start = d.forward_train, d.teacher_tokens, d.stage_start
 
@@ -241,8 +283,9 @@ def trained_a_step(request, tmp_path_factory):
     cfg = asib_cfg("L1_ib", ["experiment.num_stages=1", "experiment.student_epochs_per_stage=[0]",
                              "experiment.teacher_adapt_epochs=4", "experiment.a_step_lr=0.003",
                              "experiment.ib_mbm_lr_factor=1"])
-    run, d = make_run(cfg, tiny_data(cfg, per_class=16), states, tmp_path_factory.mktemp("astep"))
-    logged = _logged(run)
+    folder = tmp_path_factory.mktemp("astep")
+    run, d = make_run(cfg, tiny_data(cfg, per_class=16), states, folder)
+    logged = _logged(run, folder)
     before = synergy_accuracy(d, run.val_loader)
     ib_before = copy.deepcopy(d.ib_mbm.state_dict())
     teacher_before = [copy.deepcopy(t.state_dict()) for t in d.teachers]
@@ -366,9 +409,10 @@ def test_without_an_a_step_the_untrained_synergy_never_opens_the_gate(tmp_path):
     cfg = asib_cfg("overlap_100", ["experiment.enable_kd_after_syn_acc=0.0", "experiment.dataset.batch_size=16"])
     assert cfg["teacher_adapt_epochs"] == 0 and cfg["kd_target"] == "auto"
     run, d = make_run(cfg, tiny_data(cfg, per_class=2, val_split=0.02), None, tmp_path)
-    logged = _logged(run)
+    logged = _logged(run, tmp_path)
     d.stage_start(0, run)
-    assert not d.gate.open and not d.gate.trained and 0.0 <= d.gate.syn_acc <= 1.0
+    assert not d.gate.open and not d.gate.trained
+    assert d.gate.syn_acc == synergy_accuracy(d, run.val_loader, run.precision)  # measured, not trained
     assert logged[-1]["gate/open"] == 0.0 and logged[-1]["gate/synergy_trained"] == 0.0
     d.train()
     ctx = TrainContext(epoch=9, stage=0, epoch_in_stage=0, total_epochs=1, tau=4.0, kd_ramp=1.0,

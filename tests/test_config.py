@@ -178,7 +178,9 @@ def test_cli_prints_effective_config_and_hash():
     assert out.returncode == 0, out.stderr
     payload = json.loads(out.stdout)
     assert payload["exp"] == "L4_full" and len(payload["config_sha256"]) == 64
-    assert payload["config"]["config_sha256"] == payload["config_sha256"]
+    # the printed hash is the lock of the same experiment built here, independently of the CLI
+    assert payload["config_sha256"] == ConfigLock(effective("L4_full")).sha256
+    assert payload["config_sha256"] != ConfigLock(effective("L4_full", ["experiment.ib_beta=0.5"])).sha256
     assert payload["config"]["student_freeze_level_schedule"] == [-1, -1, 1, 1]
 
 

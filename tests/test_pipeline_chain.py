@@ -2,17 +2,13 @@
 resume after SIGKILL; failure paths through the real entry points."""
 from __future__ import annotations
 
-import json
-import os
-import signal
 import subprocess
-import sys
-import time
 
 import pytest
 
-from tests.pipeline_helpers import (ROOT, TINY_DISTILL, TINY_FINETUNE, all_runs, env_for, run_module,
-                                    runs_by_step)
+from fault_helpers import SIGKILLED, final_metrics, metric_histories, run_step, teacher_files
+from pipeline_helpers import (ROOT, TINY_DISTILL, TINY_FINETUNE, all_runs, env_for, run_module,
+                              runs_by_step)
 
 pytestmark = pytest.mark.slow
 
@@ -40,44 +36,33 @@ def test_main_chains_nested_steps_and_reuses_them(tmp_path):
     assert second.stdout.count("(reused)") == 6, second.stdout
     assert len(all_runs(tmp_path)) == n_runs + 1  # only the new parent
     new_parent = [r for r in runs_by_step(tmp_path, "main") if r.info.run_id != parent_id][0]
-    assert all(new_parent.data.tags[k] == "True" for k in new_parent.data.tags if k.startswith("asib.reused."))
-
-
-def _teacher_files(tmp_path):
-    for teacher in ("resnet20", "wrn_16_2"):
-        out = run_module("pipelines.finetune", [f"teacher={teacher}", "dataset=digits", *TINY_FINETUNE], tmp_path)
-        assert out.returncode == 0, out.stderr[-3000:]
-    return [str(tmp_path / f"checkpoints/teachers/{t}_digits.pth") for t in ("resnet20", "wrn_16_2")]
-
-
-def _final(run):
-    m = run.data.metrics
-    return {k: m[k] for k in ("test/acc", "test/acc_last", "val/best_acc", "train/loss")}
+    six = ("finetune_teacher1", "finetune_teacher2", "distill", "evaluate_distill", "baseline_ce",
+           "evaluate_baseline_ce")
+    assert {k: parents[0].data.tags.get(f"asib.reused.{k}") for k in six} == dict.fromkeys(six, "False")
+    assert {k: new_parent.data.tags.get(f"asib.reused.{k}") for k in six} == dict.fromkeys(six, "True")
+    by_id = {r.info.run_id for r in children}
+    assert all(parents[0].data.tags.get(f"asib.step.{k}") in by_id for k in six)
+    assert {k: new_parent.data.tags[f"asib.step.{k}"] for k in six} == \
+        {k: parents[0].data.tags[f"asib.step.{k}"] for k in six}
 
 
 def test_sigkill_then_resume_gives_the_same_result(tmp_path):
-    files = _teacher_files(tmp_path)
-    args = ["exp=quickstart", "experiment.student_epochs_per_stage=[5]", "experiment.dataset.train_per_class=20",
+    """Killed (SIGKILL at a deterministic point: right after the checkpoint of epoch 2) then run
+    again: the same run is resumed and ends with every curve point of the uninterrupted run.
+
+    Checkpoints of a run: the initial state, after the pre-training, at the stage start, then one
+    per epoch; the 5th is the one after epoch 2 (the killed run's logged epochs confirm it)."""
+    files = teacher_files(tmp_path / "teachers")
+    args = ["exp=quickstart", "experiment.student_epochs_per_stage=[3]", "experiment.dataset.train_per_class=20",
             f"experiment.teacher1_ckpt={files[0]}", f"experiment.teacher2_ckpt={files[1]}"]
     # the uninterrupted reference, in its own checkpoint dir
     ref = run_module("pipelines.distill", [*args, "experiment.checkpoint_dir=ref_ckpt"], tmp_path)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    # the killed run
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.distill", *args], cwd=tmp_path,
-                            env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 600
-    killed = False
-    while time.time() < deadline and proc.poll() is None:
-        lines = [p for p in (tmp_path / "checkpoints/runs").glob("distill-*/last.pt")]
-        if lines and _epochs_done(lines[0]) >= 2:
-            proc.send_signal(signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.2)
-    proc.wait()
-    assert killed, "the run finished before it could be killed"
+    killed = run_step("pipelines.distill", args, tmp_path, fault="checkpoint.saved#5")
+    assert killed.returncode == SIGKILLED, killed.stderr[-3000:]
     running = [r for r in runs_by_step(tmp_path, "distill") if r.info.status == "RUNNING"]
     assert len(running) == 1
+    assert sorted({m.step for m in metric_history(tmp_path, running[0].info.run_id, "val/acc")}) == [0, 1]
     again = run_module("pipelines.distill", args, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr
@@ -86,29 +71,24 @@ def test_sigkill_then_resume_gives_the_same_result(tmp_path):
     resumed = distills[running[0].info.run_id]
     reference = next(r for rid, r in distills.items() if rid != resumed.info.run_id)
     assert resumed.info.status == "FINISHED"
-    assert _final(resumed) == _final(reference)
+    assert final_metrics(resumed) == final_metrics(reference)
+    assert metric_histories(resumed.info.run_id, tmp_path) == metric_histories(reference.info.run_id, tmp_path)
+    assert sorted({m.step for m in metric_history(tmp_path, resumed.info.run_id, "val/acc")}) == [0, 1, 2]
+
+
+def metric_history(workdir, run_id: str, key: str):
     from mlflow.tracking import MlflowClient
-    steps = [m.step for m in MlflowClient().get_metric_history(resumed.info.run_id, "val/acc")]
-    assert sorted(set(steps)) == [0, 1, 2, 3, 4]
+    all_runs(workdir)  # points the client at the workdir's store
+    return MlflowClient().get_metric_history(run_id, key)
 
 
-def _epochs_done(path) -> int:
-    import torch
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["state"]["student_epoch"])
-    except Exception:  # noqa: BLE001 - file being replaced
-        return 0
-
-
-def test_distill_without_cifar100_fails_fast_with_the_path(tmp_path):
-    start = time.time()
+def test_distill_without_cifar100_fails_with_the_path_and_ends_its_run_failed(tmp_path):
     env = env_for(tmp_path)
     env["ASIB_DATA_ROOT"] = str(tmp_path / "no-data-here")
     out = subprocess.run(["mlflow", "run", str(ROOT), "--env-manager", "local", "-e", "distill",
                           "-P", "exp=L0_baseline"], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode != 0
-    assert time.time() - start < 30
     assert str(tmp_path / "no-data-here") in out.stderr and "cifar" in out.stderr.lower()
     runs = all_runs(tmp_path)
     assert runs and all(r.info.status == "FAILED" for r in runs)
@@ -118,3 +98,30 @@ def test_config_error_exits_2_without_a_running_run(tmp_path):
     out = run_module("pipelines.distill", ["exp=quickstart", "experiment.tau=hot"], tmp_path)
     assert out.returncode == 2 and "tau" in out.stderr
     assert all(r.info.status != "RUNNING" for r in all_runs(tmp_path))
+
+
+@pytest.mark.parametrize("method, baseline, expected", [
+    ("kd", "ce", [("distill", ["x=1"]), ("baseline_ce", ["x=1", "method=ce"])]),
+    ("kd", "none", [("distill", ["x=1"])]),
+    ("kd", "", [("distill", ["x=1"])]),
+    ("ce", "ce", [("distill", ["x=1"])]),          # the baseline would repeat the run itself
+    ("asib", "dkd", [("distill", ["x=1"]), ("baseline_dkd", ["x=1", "method=dkd"])]),
+])
+def test_main_baseline_option_decides_the_distill_runs(method, baseline, expected):
+    from asib_core.pipeline.chain import chain_variants
+
+    assert chain_variants(method, ["x=1"], baseline) == expected
+
+
+@pytest.mark.parametrize("metrics, expected", [
+    ({"distill/test_acc": 0.95, "baseline_ce/test_acc": 0.881},
+     "the distilled student reaches 95.0 % test accuracy, 6.9 points above the same student trained by ce alone "
+     "(88.1 %)"),
+    ({"distill/test_acc": 0.80, "baseline_ce/test_acc": 0.85}, "5.0 points below"),
+    ({"distill/test_acc": 0.80}, None),
+])
+def test_main_states_how_far_distillation_is_from_the_baseline(metrics, expected):
+    from asib_core.pipeline.chain import ChainResult
+
+    verdict = ChainResult(parent_run_id="x", metrics=metrics).verdict()
+    assert verdict == expected if expected is None or expected.startswith("the ") else expected in verdict

@@ -178,11 +178,9 @@ def test_baselines_table_layout_and_values(report, store):
     assert [row["T1"], row["T2"]] == pytest.approx(teachers) and row["T_source"] == "test"
     assert int(row["DKD_n"]) == 0
     md = (report.report.out_dir / "baselines.md").read_text()
-    reference = Path(__file__).resolve().parents[1] / ".." / "shared" / "docs" / "kd-reference.md"
+    # the header of the published reference table (kd-reference.md, outside this repository)
     header = "| teacher -> student | T | S | KD | FitNet | AT | AB | FT | CRD | DKD | ReviewKD |"
     assert header in md
-    if reference.exists():  # the header is the one of the published table
-        assert header in reference.read_text()
     assert f"| resnet20+wrn_16_2 -> resnet8 | {teachers[0]:.2f} / {teachers[1]:.2f} |" in md
 
 

@@ -430,6 +430,7 @@ def test_ctrl_c_ends_the_runs_killed_and_the_identical_command_retries_the_trial
     parent = MlflowClient().get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.info.status == "KILLED"
     assert not list((home / "checkpoints").rglob("trial-0-*")), "the interrupted trial's state is removed"
+    assert not [r for r in runs_of("ctrl-c") if r.info.status == "RUNNING"]  # nested runs included
 
     resumed = start_worker(home, args)
     out = resumed.communicate(timeout=600)[0]

@@ -78,9 +78,8 @@ def flatten(obj: Any, prefix: str = "") -> dict:
     if not isinstance(obj, dict):
         return {prefix: obj}
     out: dict = {}
-    for key in sorted(obj):
+    for key, value in sorted(obj.items()):  # items(): a walk over every key, not a lookup of one
         dotted = f"{prefix}.{key}" if prefix else str(key)
-        value = obj[key]
         if isinstance(value, dict) and value:
             out.update(flatten(value, dotted))
         else:

@@ -12,7 +12,7 @@ Where the cache lives, in order:
 
 1. ``<data root>/.asib_cache/`` next to the data;
 2. when that directory cannot be created or written (a read-only data directory such as
-   ``/work/shared``), ``$ASIB_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/asib-kd`` or
+   ``../shared``), ``$ASIB_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/asib-kd`` or
    ``~/.cache/asib-kd``.
 
 Lookups check both places. Files are written to a temporary name and renamed, so concurrent

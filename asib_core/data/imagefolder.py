@@ -1,4 +1,4 @@
-"""Reader for a plain image-folder dataset (e.g. the CIFAR-10 JPEG set in /work/shared/data).
+"""Reader for a plain image-folder dataset (e.g. the CIFAR-10 JPEG set in ../shared/data).
 
 Layout::
 
@@ -40,7 +40,7 @@ IMAGE_SIZE = 32
 LAYOUT_HINT = (
     "An image-folder dataset needs the layout <root>/train/<class>/*.jpg|jpeg|png and "
     "<root>/test/<class>/*.jpg|jpeg|png (one sub-folder per class, class order = sorted folder "
-    "names). For the CIFAR-10 JPEG set, extract /work/shared/data/cifar10-jpeg.tar.gz and point "
+    "names). For the CIFAR-10 JPEG set, extract ../shared/data/cifar10-jpeg.tar.gz and point "
     "the root at its 'cifar10' folder."
 )
 

@@ -54,8 +54,7 @@ class FitSpec:
     grad_clip_norm: float = 0.0
     clamp_cfg: dict = field(default_factory=dict)
     patience: int = 0
-    min_delta: float = 0.0
-    min_delta_is_percent: bool = False
+    min_delta_pp: float = 0.0   # early_stopping_min_delta: percentage points of validation top-1
 
     @property
     def total_epochs(self) -> int:
@@ -314,7 +313,7 @@ class TrainingRun:
 
     def _track_best(self, val_acc: float) -> None:
         st, spec = self.state, self.spec
-        delta = spec.min_delta / 100.0 if spec.min_delta_is_percent else spec.min_delta
+        delta = spec.min_delta_pp / 100.0   # accuracies are fractions, the key is in points
         if val_acc != val_acc:  # no validation split: the last epoch is the selected one
             self._save_best()
             return

@@ -41,6 +41,19 @@ class ChainResult:
     reused: dict = field(default_factory=dict)    # name -> bool
     metrics: dict = field(default_factory=dict)
 
+    def verdict(self) -> str | None:
+        """One sentence: the distilled student's test accuracy against the baseline's (None
+        without a baseline run)."""
+        ours = self.metrics.get("distill/test_acc")
+        name, base = next(((k.split("/")[0], v) for k, v in self.metrics.items()
+                           if k.startswith("baseline_") and k.endswith("/test_acc")), (None, None))
+        if ours is None or base is None:
+            return None
+        gap = 100 * (ours - base)
+        word = "above" if gap > 0 else "below" if gap < 0 else "equal to"
+        return (f"the distilled student reaches {100 * ours:.1f} % test accuracy, {abs(gap):.1f} points "
+                f"{word} the same student trained by {name.removeprefix('baseline_')} alone ({100 * base:.1f} %)")
+
 
 def reusable_run(step: str, identity: str, *, force: bool = False):
     """The newest FINISHED ``step`` run with this identity (config, teacher files and code
@@ -116,10 +129,7 @@ def _run_chain(exp: str, overrides: list[str], env_manager: str, baseline: str, 
                 step(f"finetune_{role}", "finetune",
                      {"teacher": teacher, "dataset": dataset, "overrides": shlex.join(ft_over)},
                      identity_hash(ft_cfg), "finetune", f"finetune {teacher} on {dataset}")
-        variants = [("distill", overrides)]
-        if baseline and baseline != "none" and cfg["method_name"] != baseline:
-            variants.append((f"baseline_{baseline}", [*overrides, f"method={baseline}"]))
-        for name, over in variants:
+        for name, over in chain_variants(cfg["method_name"], overrides, baseline):
             vcfg = resolve_experiment(exp, over).cfg
             sources = resolve_teachers(vcfg) if get_method(vcfg["method_name"]).needs_teachers else []
             identity = run_identity(vcfg, [s.path for s in sources])
@@ -134,6 +144,15 @@ def _run_chain(exp: str, overrides: list[str], env_manager: str, baseline: str, 
     return result
 
 
+def chain_variants(method: str, overrides: list[str], baseline: str) -> list[tuple[str, list[str]]]:
+    """The distill runs of a chain: the experiment's own, then the same setup with the baseline
+    method (``baseline=none``, or a baseline equal to the method, adds none)."""
+    variants = [("distill", list(overrides))]
+    if baseline and baseline != "none" and method != baseline:
+        variants.append((f"baseline_{baseline}", [*overrides, f"method={baseline}"]))
+    return variants
+
+
 def _explicit_ckpt(cfg: dict, role: str) -> bool:
     path = cfg.get(f"{role}_ckpt")
     return bool(path) and Path(path).exists()
@@ -144,4 +163,6 @@ def _log_summary(run_id: str, result: ChainResult) -> None:
     lines += [f"| {name} | {rid} | {result.reused.get(name)} |" for name, rid in result.steps.items()]
     lines += ["", "| result | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in result.metrics.items()]
+    if result.verdict():
+        lines += ["", result.verdict()[0].upper() + result.verdict()[1:] + "."]
     MlflowClient().log_text(run_id, "\n".join(lines) + "\n", "summary.md")

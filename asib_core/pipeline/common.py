@@ -56,9 +56,16 @@ def teacher_names(cfg: dict) -> list[str]:
     return [cfg[k]["name"] for k in ("teacher1", "teacher2") if isinstance(cfg.get(k), dict) and cfg[k].get("name")]
 
 
+def early_stopping(cfg: dict) -> dict:
+    """The early-stopping fields of a FitSpec, for distillation and fine-tuning alike:
+    ``early_stopping_min_delta`` is in percentage points of validation top-1 (0.1 = 0.1 %)."""
+    return {"patience": int(cfg.get("early_stopping_patience") or 0),
+            "min_delta_pp": float(cfg.get("early_stopping_min_delta") or 0.0)}
+
+
 def run_tags(cfg: dict, step: str, sha: str, **extra) -> dict:
     tags = {
-        "exp": cfg.get("exp", ""), "method": cfg.get("method_name", ""), "step": step,
+        "exp": cfg.get("exp", ""), "exp_id": cfg.get("exp_id"), "method": cfg.get("method_name", ""), "step": step,
         "dataset": cfg["dataset"]["name"], "seed": cfg.get("seed", ""),
         "config_sha256": sha, "git_commit": git_commit(), "asib.code_version": code_version(),
     }

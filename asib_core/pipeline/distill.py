@@ -30,9 +30,10 @@ from asib_core.methods import build_distiller, get_method
 from asib_core.tracking import configure_tracking, experiment_name, open_run
 from asib_core.tracking.plots import log_curves
 
-from .common import (STATE_TAG, file_sha256, resumable_state, run_tags, seed_everything, setup_logging,
-                     teacher_names)
+from .common import (STATE_TAG, early_stopping, file_sha256, resumable_state, run_tags, seed_everything,
+                     setup_logging, teacher_names)
 from .inputs import log_run_inputs
+from .results import apply_log_level, write_results
 from .models import build_student, load_teacher, read_teacher_checkpoint, to_device
 from .student_model import log_student_model
 from .teacher_splits import check_teacher_splits
@@ -56,8 +57,7 @@ def fit_spec(cfg: dict) -> FitSpec:
         grad_clip_norm=float(cfg.get("grad_clip_norm") or 0.0),
         clamp_cfg={k: cfg.get(k) for k in ("use_loss_clamp", "loss_clamp_mode", "loss_clamp_max",
                                            "loss_clamp_warmup_epochs")},
-        patience=int(cfg.get("early_stopping_patience") or 0),
-        min_delta=float(cfg.get("early_stopping_min_delta") or 0.0),
+        **early_stopping(cfg),
     )
 
 
@@ -67,18 +67,22 @@ def run_identity(cfg: dict, teacher_files: list[Path]) -> str:
 
 def run_name(cfg: dict) -> str:
     teachers = "+".join(teacher_names(cfg)) if get_method(cfg["method_name"]).needs_teachers else "CE"
-    return f"{cfg['exp']} {cfg['method_name']} {cfg['model']['student']['name']} <- {teachers}"
+    return f"{cfg['exp_id']} {cfg['method_name']} {cfg['model']['student']['name']} <- {teachers}"
 
 
 def teacher_report(teachers, names, data, precision, cfg) -> dict:
-    """Validation accuracy of each teacher and how often the two disagree."""
-    if not teachers:
+    """``compute_teacher_eval``: validation and test accuracy of each teacher and how often the
+    two disagree on the validation split (nothing when the key is false)."""
+    if not teachers or not cfg.get("compute_teacher_eval"):
         return {}
-    loader = data.loader("val", batch_size=int(cfg.get("eval_batch_size") or 512))
+    batch = int(cfg.get("eval_batch_size") or 512)
+    loader = data.loader("val", batch_size=batch)
     metrics = {}
     preds = []
     for i, teacher in enumerate(teachers, start=1):
-        metrics[f"teacher{i}/val_acc"] = evaluate(lambda x, t=teacher: t(x)["logit"], loader, precision)["acc"]
+        for split in ("val", "test"):
+            metrics[f"teacher{i}/{split}_acc"] = evaluate(lambda x, t=teacher: t(x)["logit"],
+                                                          data.loader(split, batch_size=batch), precision)["acc"]
     if len(teachers) == 2:
         limit_b = int(cfg.get("disagreement_max_batches") or 0)
         limit_n = int(cfg.get("disagreement_max_samples") or 0)
@@ -122,6 +126,7 @@ def run_distill(exp: str, overrides: list[str], *, parent_run_id: str | None = N
     dist = init_distributed()
     resolved: ResolvedConfig = resolve_experiment(exp, overrides)
     cfg, lock = resolved.cfg, resolved.lock
+    apply_log_level(cfg)
     configure_tracking()
     seed_everything(int(cfg["seed"]), bool(cfg.get("deterministic", True)))
     device = resolve_device(cfg.get("device"))
@@ -140,7 +145,8 @@ def run_distill(exp: str, overrides: list[str], *, parent_run_id: str | None = N
     state_dir = Path(state_root or cfg.get("checkpoint_dir") or "checkpoints/runs") / f"distill-{identity[:20]}"
     check_writable_dir(state_dir, "checkpoint_dir: the run's state folder")  # before the run exists
     tags = run_tags(cfg, "distill", lock.sha256, teachers="+".join(teacher_names(cfg)) if sources else "none",
-                    student=cfg["model"]["student"]["name"], **{"asib.identity": identity})
+                    student=cfg["model"]["student"]["name"],
+                    **{"asib.identity": identity, "asib.world_size": str(dist.world_size)})
     tags.update({f"{s.role}_run": s.run_id for s in sources if s.run_id})
     tags.update(extra_tags or {})
     hooks = {"inject_nonfinite": inject_nonfinite, "on_epoch_end": on_epoch_end}
@@ -220,4 +226,6 @@ def finish_run(run, trainer: TrainingRun, distiller, cfg: dict, data, sha: str, 
     log_curves(run.run_id, history, run_name(cfg))
     if cfg.get("log_model", True):
         log_student_model(run, distiller, cfg, data, sha)
+    folder = write_results(cfg, run.run_id, metrics, history)
+    log.info("results of run %s written to %s", run.run_id, folder)
     run.set_tags({"asib.final_test_acc": f"{metrics['test/acc']:.4f}"})

@@ -33,10 +33,11 @@ from asib_core.models.checkpoint import check_shapes
 from asib_core.tracking import configure_tracking, experiment_name, open_run
 from asib_core.tracking.plots import log_curves
 
-from .common import STATE_TAG, resumable_state, run_tags, run_time_metrics, seed_everything, setup_logging
+from .common import STATE_TAG, early_stopping, resumable_state, run_tags, run_time_metrics, seed_everything, setup_logging
 from .distill import StepResult
 from .inputs import log_run_inputs
 from .models import save_teacher, teacher_payload, to_device
+from .results import apply_log_level, write_results
 from .teachers import TEACHER_ARTIFACT_DIR
 
 log = logging.getLogger("asib.finetune")
@@ -144,6 +145,7 @@ def build_teacher(cfg: dict, num_classes: int):
 def run_finetune(teacher: str, dataset: str, overrides: list[str], *, parent_run_id: str | None = None) -> StepResult:
     setup_logging()
     cfg = finetune_config(teacher, dataset, overrides)
+    apply_log_level(cfg)
     lock = ConfigLock(cfg)
     cfg["config_sha256"] = lock.sha256
     configure_tracking()
@@ -177,8 +179,7 @@ def run_finetune(teacher: str, dataset: str, overrides: list[str], *, parent_run
         spec = FitSpec(
             stage_epochs=[int(cfg["finetune_epochs"])], seed=int(cfg["seed"]),
             cutmix_alpha=float(cfg.get("finetune_cutmix_alpha") or 0.0) if cfg.get("finetune_use_cutmix") else 0.0,
-            patience=int(cfg.get("early_stopping_patience") or 0),
-            min_delta=float(cfg.get("early_stopping_min_delta") or 0.0), min_delta_is_percent=True,
+            **early_stopping(cfg),
         )
         bs = int(cfg["batch_size"])
         steps = max(1, len(data.train) // bs)
@@ -205,6 +206,7 @@ def run_finetune(teacher: str, dataset: str, overrides: list[str], *, parent_run
         mlflow.log_artifact(str(path), artifact_path=TEACHER_ARTIFACT_DIR, run_id=run.run_id)
         run.set_tags({"asib.teacher_artifact": f"{TEACHER_ARTIFACT_DIR}/{path.name}"})
         log_curves(run.run_id, trainer.state.history, f"finetune {teacher} on {dataset}")
+        write_results(cfg, run.run_id, metrics, trainer.state.history)
         log.info("teacher %s: val %.4f test %.4f -> %s", teacher, state["best_val"], test["acc"], path)
         return StepResult(run_id=run.run_id, metrics=metrics)
 
