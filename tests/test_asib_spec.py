@@ -495,6 +495,16 @@ def test_the_gate_decision_in_both_modes_on_fixed_values():
         ASIBSettings.from_cfg(asib_cfg("L1_ib", synergy_gate_mode="relative"))
 
 
+def test_an_absolute_threshold_under_the_ensemble_gate_is_warned_about():
+    from asib_core.methods.asib.config_warnings import config_warnings
+
+    cfg = asib_cfg("L1_ib", ["experiment.synergy_gate_mode=ensemble"])
+    assert any("enable_kd_after_syn_acc=0.8 is not read" in m
+               for m in config_warnings(ASIBSettings.from_cfg(cfg), cfg, True))
+    cfg = asib_cfg("L1_ib")
+    assert not any("enable_kd_after_syn_acc" in m for m in config_warnings(ASIBSettings.from_cfg(cfg), cfg, True))
+
+
 def test_the_ensemble_gate_takes_the_ensemble_accuracy_measured_after_the_a_step(tmp_path):
     from asib_core.methods.asib.a_step import AStep
 

@@ -52,6 +52,9 @@ def _target_warnings(s, cfg: dict) -> list[str]:
     if not s.kd_ens_alpha_ramp and s.kd_ens_alpha > 0 and s.kd_ens_epochs == 0:
         out.append(f"kd_ens_alpha={s.kd_ens_alpha:g} has no effect: teacher_adapt_kd_warmup=0 mixes the "
                    "ensemble into the synergy target in no B-step epoch.")
+    if s.gate_mode == "ensemble" and cfg.get("enable_kd_after_syn_acc") is not None:
+        out.append(f"enable_kd_after_syn_acc={cfg['enable_kd_after_syn_acc']} is not read: with "
+                   "synergy_gate_mode=ensemble the gate threshold is the teacher ensemble's validation accuracy.")
     weights = cfg.get("teacher_weights")
     if weights is not None and s.kd_target != "avg" and s.hybrid_beta == 0:
         fallback = " (also the closed-gate fallback of synergy/auto)" if s.uses_synergy_target else ""
