@@ -4,8 +4,10 @@
 ``fault_point("<point>")`` in a process SIGKILL that process: no ``finally`` block, no atexit
 handler, no flush runs - exactly what a power cut, the OOM killer or ``kill -9`` leaves behind.
 With ``ASIB_FAULT_GROUP=1`` the whole process group is killed (``main`` and the steps it
-launched, as a scheduler that kills a job does). Child processes inherit the variables, so a
-point reached only in a child (``epoch.batch`` under ``main``) fires there.
+launched, as a scheduler that kills a job does). ``ASIB_FAULT_SIGNAL=INT`` (or ``TERM``) sends
+that signal to the process instead, a Ctrl-C or a scheduler's stop at an exact moment. Child
+processes inherit the variables, so a point reached only in a child (``epoch.batch`` under
+``main``) fires there.
 
 The points, in the order a run reaches them:
 
@@ -26,13 +28,15 @@ import signal
 
 FAULT_ENV = "ASIB_FAULT_AT"
 GROUP_ENV = "ASIB_FAULT_GROUP"
+SIGNAL_ENV = "ASIB_FAULT_SIGNAL"
 POINTS = ("store.create", "run.created", "checkpoint.write", "checkpoint.saved", "epoch.batch",
           "aux.epoch", "final.eval")
 _calls: dict[str, int] = {}
 
 
 def fault_point(name: str) -> None:
-    """SIGKILL this process (or its group) if ``ASIB_FAULT_AT`` names this call."""
+    """SIGKILL this process (or its group; or send ``$ASIB_FAULT_SIGNAL``) if ``ASIB_FAULT_AT``
+    names this call."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
@@ -42,9 +46,10 @@ def fault_point(name: str) -> None:
     _calls[name] = _calls.get(name, 0) + 1
     if _calls[name] != int(nth or 1):
         return
+    sig = getattr(signal, "SIG" + os.environ.get(SIGNAL_ENV, "KILL").upper())
     if os.environ.get(GROUP_ENV) == "1":
-        os.killpg(os.getpgrp(), signal.SIGKILL)
-    os.kill(os.getpid(), signal.SIGKILL)
+        os.killpg(os.getpgrp(), sig)
+    os.kill(os.getpid(), sig)
 
 
 def calls_fault_point(fn, name: str):

@@ -74,9 +74,9 @@ def throwaway_postgres():
         shutil.rmtree(base, ignore_errors=True)
 
 
-def start_worker(home: Path, args: list[str], worker: int = 0) -> subprocess.Popen:
+def start_worker(home: Path, args: list[str], worker: int = 0, env: dict | None = None) -> subprocess.Popen:
     """``python -m pipelines.sweep ARGS worker=N`` in ``home`` (its own tracking store), one thread."""
-    env = env_for(home) | {"OMP_NUM_THREADS": "1"}
+    env = env_for(home) | {"OMP_NUM_THREADS": "1"} | (env or {})
     return subprocess.Popen([sys.executable, "-m", "pipelines.sweep", *args, f"worker={worker}"], cwd=home,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

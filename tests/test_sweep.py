@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from asib_core.sweep.space import format_value, parse_space
 from pipelines._cli import parse_exp_args
 from tests.pipeline_helpers import ROOT, env_for
 from tests.sweep_helpers import (NoPostgres, free_port, runs_of, start_worker, study_trials, throwaway_postgres,
-                                 trial_run_with_epoch, wait_for)
+                                 wait_for)
 
 FAST = ["method=ce", "experiment.student_epochs_per_stage=[2]", "experiment.dataset.train_per_class=10",
         "experiment.dataset.val_split=0.05", "experiment.dataset.batch_size=16", "experiment.eval_batch_size=256",
@@ -409,14 +408,13 @@ SIX_EPOCHS = [o for o in FAST if "student_epochs_per_stage" not in o] + ["experi
 
 
 def test_ctrl_c_ends_the_runs_killed_and_the_identical_command_retries_the_trial(home):
-    """SIGINT to a real sweep worker in the middle of its first trial; then the identical command."""
+    """SIGINT to a real sweep worker in the middle of its first trial (sent at its third training
+    batch, a deterministic moment: no race with a fast machine); then the identical command."""
     from asib_core.sweep import study as st
 
     journal = str(home / "ctrl-c.log")
     args = _sweep_args(home, "ctrl-c", journal, 2, SIX_EPOCHS)
-    proc = start_worker(home, args)
-    assert wait_for(lambda: trial_run_with_epoch("ctrl-c"), proc), proc.communicate()[0][-3000:]
-    proc.send_signal(signal.SIGINT)
+    proc = start_worker(home, args, env={"ASIB_FAULT_AT": "epoch.batch#3", "ASIB_FAULT_SIGNAL": "INT"})
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 130, out[-3000:]
     assert "Traceback" not in out and "interrupted" in out and "same command" in out
