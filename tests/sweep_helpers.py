@@ -9,6 +9,7 @@ import pwd
 import shlex
 import shutil
 import socket
+import signal
 import subprocess
 import sys
 import tempfile
@@ -78,7 +79,14 @@ def start_worker(home: Path, args: list[str], worker: int = 0, env: dict | None 
     """``python -m pipelines.sweep ARGS worker=N`` in ``home`` (its own tracking store), one thread."""
     env = env_for(home) | {"OMP_NUM_THREADS": "1"} | (env or {})
     return subprocess.Popen([sys.executable, "-m", "pipelines.sweep", *args, f"worker={worker}"], cwd=home,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=default_ctrl_c)
+
+
+def default_ctrl_c() -> None:
+    """Give the child Ctrl-C as a terminal gives it: pytest-xdist workers ignore SIGINT, and an
+    ignored signal is inherited, so Python in the child would never raise KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def runs_of(study_name: str):
