@@ -87,6 +87,11 @@ def recorded_run(store, exp: str):
     return store["runs"][exp]
 
 
+# one experiment with every mechanism, one with teachers on class subsets (an evaluate step
+# costs as much as the tiny run it checks)
+EVALUATED = ("L4_full", "overlap_100")
+
+
 @pytest.mark.parametrize("exp", SEED_EXPERIMENTS)
 def test_seed_experiment_runs_one_tiny_asib_stage(store, exp):
     from asib_core.config import resolve_experiment
@@ -98,9 +103,9 @@ def test_seed_experiment_runs_one_tiny_asib_stage(store, exp):
     assert run.info.status == "FINISHED"
     assert run.data.tags["method"] == "asib"
     metrics = run.data.metrics
-    # the logged student, reloaded and evaluated on the test split by the evaluate step
-    evaluated = client.get_run(run_evaluate(result.run_id).run_id).data.metrics
-    assert metrics["test/acc"] == pytest.approx(evaluated["test/acc"], abs=1e-6)
+    if exp in EVALUATED:  # the logged student, reloaded and evaluated on the test split by evaluate
+        evaluated = client.get_run(run_evaluate(result.run_id).run_id).data.metrics
+        assert metrics["test/acc"] == pytest.approx(evaluated["test/acc"], abs=1e-6)
     threshold = resolve_experiment(exp, tiny_overrides(exp, store["paths"])).cfg["enable_kd_after_syn_acc"]
     if exp in NO_A_STEP:
         assert "a_step/loss" not in metrics
