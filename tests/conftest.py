@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from asib_core.tracking.environ import set_environ
+
 os.environ.setdefault("ASIB_NO_PROGRESS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # System metrics are on by default (asib_core/tracking/runs.py); their sampler threads would write
@@ -42,10 +44,6 @@ def no_leaked_process_state():
     leaked += [f"${key} {value!r} -> {os.environ.get(key)!r}" for key, value in env.items()
                if os.environ.get(key) != value]
     os.chdir(cwd)
-    for key, value in env.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    set_environ(env)
     if leaked:
         pytest.fail("the test left process state behind: " + "; ".join(leaked))

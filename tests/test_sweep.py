@@ -29,6 +29,7 @@ from asib_core.config import ConfigError, resolve_experiment
 from asib_core.sweep import SweepSettings, load_space, open_storage, run_sweep
 from asib_core.sweep.recovery import worker_identity
 from asib_core.sweep.space import format_value, parse_space
+from asib_core.tracking.environ import set_environ
 from pipelines._cli import parse_exp_args
 from tests.pipeline_helpers import ROOT, env_for
 from tests.sweep_helpers import (NoPostgres, free_port, runs_of, start_worker, study_trials, throwaway_postgres,
@@ -205,11 +206,7 @@ def home(tmp_path_factory):
     finally:
         os.chdir(old_cwd)
         torch.set_num_threads(old_threads)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        set_environ(saved)
 
 
 def study_runs(study_name: str):

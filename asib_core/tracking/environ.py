@@ -14,13 +14,14 @@ def scoped_environ(**values: str | None):
     """Set (a string) or unset (``None``) each variable inside the block; restore them after."""
     saved = {key: os.environ.get(key) for key in values}
     try:
-        _apply(values)
+        set_environ(values)
         yield
     finally:
-        _apply(saved)
+        set_environ(saved)
 
 
-def _apply(values: dict[str, str | None]) -> None:
+def set_environ(values: dict[str, str | None]) -> None:
+    """Set (a string) or unset (``None``) each variable, e.g. to restore a saved snapshot."""
     for key, value in values.items():
         if value is None:
             os.environ.pop(key, None)
