@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}: {run_id}{' (reused)' if result.reused.get(name) else ''}")
         for key, value in result.metrics.items():
             print(f"  {key} = {value:.4f}")
-        if result.verdict():
-            print(f"  {result.verdict()}")
+        verdict = result.verdict()
+        if verdict:
+            print(f"  {verdict}")
     return 0
 
 

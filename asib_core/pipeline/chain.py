@@ -163,6 +163,7 @@ def _log_summary(run_id: str, result: ChainResult) -> None:
     lines += [f"| {name} | {rid} | {result.reused.get(name)} |" for name, rid in result.steps.items()]
     lines += ["", "| result | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in result.metrics.items()]
-    if result.verdict():
-        lines += ["", result.verdict()[0].upper() + result.verdict()[1:] + "."]
+    verdict = result.verdict()
+    if verdict:
+        lines += ["", verdict[0].upper() + verdict[1:] + "."]
     MlflowClient().log_text(run_id, "\n".join(lines) + "\n", "summary.md")
