@@ -13,6 +13,9 @@ A few group shortcuts are translated to the package-qualified form Hydra needs:
 - ``student=NAME``   -> ``model/student@experiment.model.student=NAME``
 - ``anchor=NAME``    -> the ``configs/anchor`` group (e.g. ``anchor=fair_baseline``)
 - ``method_preset=NAME`` -> the alternative method files in ``configs/method``
+- ``recipe=NAME``    -> the ``configs/recipe`` group (a paper recipe) plus the selection of
+  the recipe's method file (``experiment/method=<its method>``); a ``method=`` override that
+  names another method, ``method_preset=`` and ``anchor=`` are refused next to it
 - ``seed=N``         -> ``experiment.seed=N``
 
 An override of an ``experiment.*`` key that the composed tree does not contain is
@@ -63,6 +66,59 @@ def list_finetune_recipes() -> list[str]:
 
 def list_methods() -> list[str]:
     return _group_names("experiment/method")
+
+
+def list_recipes() -> list[str]:
+    """Selectable paper recipes (``configs/recipe``; names starting with ``_`` are shared parts)."""
+    return [name for name in _group_names("recipe") if not name.startswith("_")]
+
+
+def recipe_method(name: str) -> str:
+    """The method a paper recipe selects (its ``method:`` entry)."""
+    known = list_recipes()
+    if name not in known:
+        raise ConfigError(
+            f"unknown recipe '{name}'. Known recipes: {', '.join(known)}. A recipe runs a baseline "
+            f"with its paper's weights (files in {config_dir() / 'recipe'}); select one with recipe=NAME."
+        )
+    raw = OmegaConf.to_container(OmegaConf.load(config_dir() / "recipe" / f"{name}.yaml"))
+    method = (raw or {}).get("method")
+    if not method:
+        raise ConfigError(f"recipe '{name}' names no method: every recipe file needs 'method: NAME'.")
+    return str(method)
+
+
+def group_choices(overrides: list[str] | tuple) -> dict[str, str]:
+    """The plain ``KEY=VALUE`` overrides (no ``+``/``~``, no dot), last one per key."""
+    choices = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key and "." not in key and key[0] not in "+~":
+            choices[key] = value
+    return choices
+
+
+def _recipe_overrides(overrides: list[str] | tuple) -> list[str]:
+    """``experiment/method=<the recipe's method>`` for ``recipe=NAME`` (nothing without one)."""
+    choices = group_choices(overrides)
+    if "recipe" not in choices:
+        return []
+    name = choices["recipe"]
+    method = recipe_method(name)
+    clash = [k for k in ("method_preset", "anchor") if k in choices]
+    if clash:
+        raise ConfigError(
+            f"recipe={name} cannot be combined with {clash[0]}={choices[clash[0]]}: a recipe sets the "
+            "method and its weights itself. Drop one of the two."
+        )
+    if "method" in choices:
+        if choices["method"] != method:
+            raise ConfigError(
+                f"recipe={name} runs method '{method}', but method={choices['method']} was given too. "
+                f"Drop method=..., or pick the recipe of that method."
+            )
+        return []
+    return [f"experiment/method={method}"]
 
 
 def translate_override(item: str) -> list[str]:
@@ -127,7 +183,7 @@ def compose_experiment(exp: str, overrides: list[str] | tuple = ()) -> DictConfi
             f"Pass one of them as exp=NAME (files live in {config_dir() / 'experiment'})."
         )
     hydra_overrides = [f"experiment={exp}"] + [h for o in overrides for h in translate_override(o)]
-    return _compose("config", hydra_overrides)
+    return _compose("config", hydra_overrides + _recipe_overrides(overrides))
 
 
 def compose_finetune(recipe: str, overrides: list[str] | tuple = ()) -> DictConfig:

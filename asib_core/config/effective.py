@@ -9,8 +9,10 @@ Steps, in order:
    ``experiment.*`` override sets counts as set at experiment level; the method file
    fills only keys that none of them sets. In effect experiment > base > method for keys
    base sets, experiment > method otherwise;
-4. merge the anchor (``anchor=fair_baseline``) over the result, remembering the
-   pre-merge values of the protected keys;
+4. merge the paper recipe (``recipe=NAME``, ``configs/recipe``) over the result, except the
+   keys an override sets (override > recipe > experiment file > base > method file), and
+   record its name as ``recipe``; or merge the anchor (``anchor=fair_baseline``) over the
+   result, remembering the pre-merge values of the protected keys (the two are exclusive);
 5. method policy: non-ASIB methods run with IB, A-step, CCCP, feature KD and the hybrid
    ensemble term off;
    ``force_ppf_off`` switches partial freezing off;
@@ -25,7 +27,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from .casting import cast_numbers
-from .compose import compose_experiment, config_dir, to_container
+from .compose import compose_experiment, config_dir, group_choices, to_container
 from .errors import ConfigError
 
 ROOT_KEYS = ("results_dir", "exp_id", "seed", "log_level", "device")
@@ -110,6 +112,12 @@ def _explicit_experiment_keys(exp: str, overrides: list[str]) -> set[str]:
             for target in entry:
                 if "@experiment." in target:
                     keys.add(target.split("@experiment.", 1)[1])
+    return keys | _override_keys(overrides)
+
+
+def _override_keys(overrides: list[str]) -> set[str]:
+    """Dotted experiment keys that the command-line overrides set."""
+    keys: set[str] = set()
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")
         if key.startswith("experiment."):
@@ -143,6 +151,14 @@ def promote_method(exp_node: dict, method: dict, explicit: set[str]) -> dict:
     _fill_from_method(exp_node, method, explicit)
     exp_node["method_name"] = name
     return exp_node
+
+
+def merge_recipe(cfg: dict, recipe: dict, name: str, overrides: list[str]) -> None:
+    """Merge a paper recipe's ``experiment`` keys over ``cfg``, leaving the keys an override
+    sets (a recipe wins over the experiment file, an override over the recipe)."""
+    values = (recipe or {}).get("experiment") or {}
+    _fill_from_method(cfg, values, _override_keys(overrides))
+    cfg["recipe"] = name
 
 
 def merge_anchor(cfg: dict, anchor: dict) -> dict:
@@ -248,6 +264,9 @@ def effective_from_composed(composed: dict, exp: str, overrides: list[str]) -> d
     explicit = _explicit_experiment_keys(exp, overrides)
     node = promote_method(node, method, explicit)
 
+    recipe = composed.get("recipe")
+    if isinstance(recipe, dict) and recipe:
+        merge_recipe(node, recipe, group_choices(overrides)["recipe"], overrides)
     anchor = composed.get("anchor")
     if isinstance(anchor, dict) and anchor:
         merge_anchor(node, _unwrap(anchor, "anchor"))
