@@ -129,29 +129,37 @@ def test_crd_score_modes_agree():
 
 
 def test_negative_sampling_exact_mode_other_classes_only():
-    labels = torch.tensor([0, 0, 1, 1, 2, 2, 2, 0, 1, 2])
-    mem = CRDMemory(feat_dim=4, n_data=10, nce_k=3000, labels=labels)
-    idx = torch.tensor([0, 2, 4])
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 2, 0, 1, 2])  # pools: 7, 7, 6 other-class samples
+    mem = CRDMemory(feat_dim=4, n_data=10, nce_k=3, labels=labels)
+    assert mem.max_negatives() == 6
+    idx = torch.tensor([0, 2, 4]).repeat(1000)
     g = torch.Generator().manual_seed(0)
     neg = mem.sample_negatives(idx, generator=g)
-    assert neg.shape == (3, 3000)
-    for b, i in enumerate(idx.tolist()):
+    assert neg.shape == (3000, 3)
+    for i in (0, 2, 4):
+        rows = neg[idx == i]
         others = [j for j in range(10) if labels[j] != labels[i]]
-        drawn = neg[b].tolist()
-        assert set(drawn) == set(others)  # only (and all) other-class samples
-        counts = np.bincount(drawn, minlength=10)[others]
+        assert all(len(set(r)) == 3 for r in rows.tolist())  # no repeats within a draw
+        assert set(rows.flatten().tolist()) == set(others)  # only (and all) other-class samples
+        counts = np.bincount(rows.flatten().tolist(), minlength=10)[others]
         expected = 3000 / len(others)
-        assert np.all(np.abs(counts - expected) < 0.25 * expected)  # roughly uniform
+        assert np.all(np.abs(counts - expected) < 0.15 * expected)  # roughly uniform
     g2 = torch.Generator().manual_seed(0)
     assert torch.equal(neg, mem.sample_negatives(idx, generator=g2))
+    full = mem.sample_negatives(torch.tensor([4]), k=6)  # the whole pool of a class-2 anchor
+    assert sorted(full[0].tolist()) == [j for j in range(10) if labels[j] != 2]
+    with pytest.raises(ValueError, match="nce_k=7"):
+        mem.sample_negatives(idx, k=7)
+    with pytest.raises(ValueError, match="nce_k=3000"):
+        CRDMemory(feat_dim=4, n_data=10, nce_k=3000, labels=labels)
 
 
 def test_negative_sampling_without_labels_excludes_anchor():
-    mem = CRDMemory(feat_dim=4, n_data=6, nce_k=2000)
+    mem = CRDMemory(feat_dim=4, n_data=6, nce_k=5)
     idx = torch.tensor([0, 3, 5])
     neg = mem.sample_negatives(idx, generator=torch.Generator().manual_seed(1))
     for b, i in enumerate(idx.tolist()):
-        assert set(neg[b].tolist()) == set(range(6)) - {i}
+        assert sorted(neg[b].tolist()) == sorted(set(range(6)) - {i})
 
 
 def test_memory_rows_are_unit_norm_and_state_dict_round_trip():

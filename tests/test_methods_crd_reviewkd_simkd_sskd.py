@@ -188,7 +188,9 @@ def test_crd_memory_built_by_pretrain_updates_batch_rows_and_samples_other_class
     distiller.pretrain(runner)
     memory = distiller.memory
     n = len(bundle.train)
-    assert memory.n_data == n and memory.nce_k == n - 1  # crd_nce_k 16384 clamped
+    labels = torch.as_tensor(bundle.train.labels)
+    pool = n - int(torch.bincount(labels).max())  # crd_nce_k 16384 cut to the smallest other-class pool
+    assert memory.n_data == n and memory.nce_k == pool == distiller.effective_nce_k
     assert memory.feat_dim == cfg["crd_feat_dim"]
     assert torch.equal(memory.labels.cpu(), torch.as_tensor(bundle.train.labels))
 
@@ -205,9 +207,8 @@ def test_crd_memory_built_by_pretrain_updates_batch_rows_and_samples_other_class
         assert torch.equal(before[~rows], after[~rows])
         assert torch.allclose(after[rows].norm(dim=1), torch.ones(int(rows.sum())), atol=1e-5)
 
-    labels = torch.as_tensor(bundle.train.labels)
     neg = memory.sample_negatives(batch.idx)
-    assert neg.shape == (BATCH, n - 1)
+    assert neg.shape == (BATCH, pool)
     assert bool((labels[neg] != labels[batch.idx].unsqueeze(1)).all())
 
 

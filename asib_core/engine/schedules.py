@@ -7,6 +7,8 @@ the reference code, W-B-3):
   ``tau_schedule: [t0, t1]``: linear from start at the first student epoch to end at the
   last; else the constant ``tau``. One of tau_start/tau_end without the other is refused.
 - ``kd_ramp``: ``min(1, (epoch + 1) / kd_warmup_epochs)``; 1 without warm-up.
+- paper warm-ups (DKD, ReviewKD) are given in epochs of the reference 240-epoch schedule and
+  kept as the same share of the run (``scaled_warmup_epochs``).
 - learning rate: linear warm-up over ``schedule.lr_warmup_epochs`` epochs to the base
   LR, then ``cosine`` to ``schedule.min_lr`` or ``step`` (x gamma every step_size
   epochs, floored at min_lr), or ``none``. Implemented as a LambdaLR stepped once per
@@ -42,9 +44,27 @@ def tau_for_epoch(cfg: dict, epoch: int, total_epochs: int) -> float:
     return float(cfg.get("tau", 4.0))
 
 
+#: length of the reference CIFAR schedule in which the papers give their warm-ups (kd-reference.md)
+REFERENCE_EPOCHS = 240
+
+
+def linear_warmup(epoch: int, length: int) -> float:
+    """``min(1, (epoch + 1) / length)`` for the 0-based global epoch; 1 when ``length <= 0``."""
+    return 1.0 if length <= 0 else min(1.0, (int(epoch) + 1) / length)
+
+
+def scaled_warmup_epochs(reference_epochs: int, total_epochs: int) -> int:
+    """A warm-up of ``reference_epochs`` epochs of the reference 240-epoch schedule as the same
+    share of a ``total_epochs`` run: ``max(1, ceil(reference_epochs * total / 240))`` (a run of
+    at least one epoch; 0 when ``reference_epochs`` is 0, i.e. no warm-up)."""
+    if int(reference_epochs) <= 0:
+        return 0
+    total = max(int(total_epochs), 1)
+    return max(1, -(-total * int(reference_epochs) // REFERENCE_EPOCHS))  # integer ceil
+
+
 def kd_ramp(cfg: dict, epoch: int) -> float:
-    warm = int(cfg.get("kd_warmup_epochs") or 0)
-    return 1.0 if warm <= 0 else min(1.0, (epoch + 1) / warm)
+    return linear_warmup(epoch, int(cfg.get("kd_warmup_epochs") or 0))
 
 
 def lr_multiplier(schedule: dict, base_lr: float, total_epochs: int):

@@ -5,7 +5,8 @@ Reference: Tian, Krishnan, Isola, "Contrastive Representation Distillation", ICL
 Overview (one training step, batch of B samples with dataset indices ``idx``)::
 
     v_s = l2n(W_s f_s),  v_t = l2n(W_t f_t)                    # [B, feat_dim] embeddings
-    negatives n_bk, k = 1..K (exact mode: dataset samples of another class than sample b)
+    negatives n_bk, k = 1..K, distinct within a row (exact mode: dataset samples of another
+    class than sample b)
     student-anchored scores  P^s_bk = exp(<v_s,b, M_t[j]> / T) / Z_s, j in {idx_b, n_b1..n_bK}
     teacher-anchored scores  P^t_bk = exp(<v_t,b, M_s[j]> / T) / Z_t
     loss = NCE(P^s) + NCE(P^t)
@@ -73,7 +74,10 @@ class CRDMemory(nn.Module):
         ``z_s``, ``z_t``: scalar normalisers, ``-1`` until fixed at the first ``forward``.
         ``labels`` (only after :meth:`set_labels`): ``[n_data]`` int64 dataset labels; with
         labels, negatives are drawn uniformly from samples of *other* classes (CRD "exact"
-        mode); without labels, uniformly from all samples except the anchor itself.
+        mode); without labels, uniformly from all samples except the anchor itself. Either
+        way the K negatives of one anchor are distinct (drawn without replacement, as
+        RepDistiller's ``np.random.choice(cls_negative[target], k, replace=False)`` in
+        dataset/cifar100.py), so K may not exceed the smallest pool (:meth:`max_negatives`).
 
     The module keeps its buffers on the device of the embeddings given to :meth:`forward`
     (moves itself on first use if needed). Memory updates are out-of-place (the buffer is
@@ -123,12 +127,12 @@ class CRDMemory(nn.Module):
         self.register_buffer("z_t", torch.tensor(-1.0))
         # optional exact-mode state; None buffers are skipped by state_dict until set
         self.register_buffer("labels", None)
-        self.register_buffer("_sorted_idx", None, persistent=False)
-        self.register_buffer("_class_start", None, persistent=False)
         self.register_buffer("_class_count", None, persistent=False)
         self._z_ready = False  # python-side cache of "z_s and z_t are fixed" (avoids a sync)
         if labels is not None:
             self.set_labels(labels)
+        else:
+            self._check_k(self.nce_k)
 
     # ------------------------------------------------------------------ sampling
     def set_labels(self, labels: Tensor) -> None:
@@ -136,16 +140,26 @@ class CRDMemory(nn.Module):
         labels = torch.as_tensor(labels).long().reshape(-1).to(self.memory_s.device)
         if labels.shape[0] != self.n_data:
             raise ValueError(f"labels must have n_data={self.n_data} entries, got {labels.shape[0]}")
-        n_cls = int(labels.max().item()) + 1
-        counts = torch.bincount(labels, minlength=n_cls)
+        counts = torch.bincount(labels)
         if (counts == self.n_data).any():
             raise ValueError("exact-mode sampling needs at least two classes")
-        order = torch.argsort(labels, stable=True)
-        starts = torch.cumsum(counts, 0) - counts
         self.labels = labels
-        self._sorted_idx = order
-        self._class_start = starts
         self._class_count = counts
+        self._check_k(self.nce_k)
+
+    def max_negatives(self) -> int:
+        """Most distinct negatives every anchor has: ``n_data`` minus the largest class's count
+        (exact mode), ``n_data - 1`` without labels."""
+        if self.labels is None:
+            return self.n_data - 1
+        return self.n_data - int(self._class_count.max())
+
+    def _check_k(self, k: int) -> None:
+        if k > self.max_negatives():
+            raise ValueError(
+                f"nce_k={k} distinct negatives per anchor, but the smallest pool of negatives holds "
+                f"{self.max_negatives()} samples (n_data={self.n_data}); use nce_k <= {self.max_negatives()}"
+            )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "labels"
@@ -158,26 +172,23 @@ class CRDMemory(nn.Module):
 
     def sample_negatives(self, idx: Tensor, k: Optional[int] = None,
                          generator: Optional[torch.Generator] = None) -> Tensor:
-        """Draw ``[B, k]`` negative dataset indices (with replacement) for anchors ``idx``.
+        """Draw ``[B, k]`` negative dataset indices for anchors ``idx``, distinct within a row.
 
-        With labels: uniform over the samples whose label differs from ``labels[idx_b]``.
-        Without labels: uniform over ``{0..N-1} \\ {idx_b}``.
+        With labels: uniform over the samples whose label differs from ``labels[idx_b]``;
+        without labels: uniform over ``{0..N-1} \\ {idx_b}``; in both cases without replacement
+        (the ``k`` smallest of independent uniform keys, the excluded samples' keys pushed above 1).
         """
         k = self.nce_k if k is None else int(k)
+        self._check_k(k)
         idx = idx.long().reshape(-1).to(self.memory_s.device)
-        B = idx.shape[0]
         dev = self.memory_s.device
-        r = torch.rand(B, k, device=dev, dtype=torch.float64, generator=generator)
+        keys = torch.rand(idx.shape[0], self.n_data, device=dev, generator=generator)
         if self.labels is not None:
-            lab = self.labels[idx]
-            start = self._class_start[lab].unsqueeze(1)
-            count = self._class_count[lab].unsqueeze(1)
-            size = self.n_data - count  # number of other-class samples
-            u = torch.minimum((r * size).long(), size - 1)
-            pos = torch.where(u < start, u, u + count)
-            return self._sorted_idx[pos]
-        u = torch.minimum((r * (self.n_data - 1)).long(), torch.tensor(self.n_data - 2, device=dev))
-        return u + (u >= idx.unsqueeze(1)).long()
+            excluded = self.labels.unsqueeze(0) == self.labels[idx].unsqueeze(1)
+        else:
+            excluded = torch.arange(self.n_data, device=dev).unsqueeze(0) == idx.unsqueeze(1)
+        keys = keys.masked_fill(excluded, 2.0)
+        return keys.topk(k, dim=1, largest=False, sorted=False).indices
 
     # ------------------------------------------------------------------ scores
     def _exp_scores(self, anchor: Tensor, memory: Tensor, cidx: Tensor) -> Tensor:

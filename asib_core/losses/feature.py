@@ -196,8 +196,9 @@ def ft_factor(factor: Tensor, mode: str = "flatten", eps: float = 1e-12) -> Tens
 
     * ``mode="flatten"`` (FT paper): ``F(x)_b = flatten(x_b) / ||flatten(x_b)||_2``, the whole
       factor map (all channels and positions) normalised per sample.
-    * ``mode="channel_mean_square"`` (the ``F(f) = l2_normalize(mean_c f^2)`` form quoted in
-      kd-reference.md): the attention-like map ``mean_c x^2`` flattened and normalised.
+    * ``mode="channel_mean_square"`` (RepDistiller's ``FactorTransfer.factor`` with p1 = 2, the
+      ``F(f) = l2_normalize(mean_c f^2)`` form quoted in kd-reference.md; the ``ft`` method's):
+      the attention-like map ``mean_c x^2`` flattened and normalised.
 
     Returns ``[B, D]``.
     """
@@ -231,7 +232,7 @@ def ft_loss(
     The factors have the same shape (the translator outputs the paraphraser's factor size).
     The teacher factor is detached.
 
-    ``mode="channel_mean_square"`` gives the kd-reference variant
+    ``mode="channel_mean_square"`` gives RepDistiller's variant (the one the ``ft`` method uses)
     ``mean |l2n(mean_c x_s^2) - l2n(mean_c x_t^2)|``.
 
     Reference: Kim, Park, Kwak, "Paraphrasing Complex Network: Network Compression via Factor

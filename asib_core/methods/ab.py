@@ -8,8 +8,10 @@ Two stages (teacher ``kd_teacher_index``):
        feature_weight * 3/1000 * sum_l 2^(l - n + 1) * sum_{c,h,w} ab(r_l(s_l), t_l) / B   ("ab")
 
    where ``s_l``/``t_l`` are the student/teacher pre-activation maps of stage ``l``
-   (``preact_4d_layer{i}``, paired aligned at the deepest stage), ``r_l`` a connector
-   (1x1 conv + BN for equal spatial sizes, RepDistiller's ConvReg without ReLU otherwise),
+   (``preact_4d_layer{i}``, paired aligned at the deepest stage), ``r_l`` a connector by
+   RepDistiller's rule (models/util.py, ``Connector._make_conenctors``): none (identity) when
+   the student and teacher maps have the same channels and height, else its ConvReg without
+   ReLU (conv chosen by spatial size, then BN),
    ``ab(s, t) = (s + m)^2 [s > -m, t <= 0] + (s - m)^2 [s <= m, t > 0]``, margin m = 1.
    Length: ``min(30, max(1, total_student_epochs // 8))`` epochs (the reference's 30
    epochs before a 240-epoch run), own optimiser (the student's kind, ``student_lr``,
@@ -53,6 +55,14 @@ AB_MARGIN = 1.0
 AB_SCALE = 3.0 / 1000.0
 
 
+def connector(s_shape, t_shape) -> nn.Module:
+    """RepDistiller's AB connector: identity when the maps agree in channels and height
+    (``s[1] == t[1] and s[2] == t[2]``), else ConvReg without ReLU."""
+    if s_shape[1] == t_shape[1] and s_shape[2] == t_shape[2]:
+        return nn.Identity()
+    return conv_regressor(s_shape, t_shape, relu=False)
+
+
 @register_method("ab")
 class AB(BaselineDistiller):
     def __init__(self, student, teachers, cfg):
@@ -68,7 +78,7 @@ class AB(BaselineDistiller):
         self.at_pairs = [(s_key.replace("preact_", "feat_"), t_key.replace("preact_", "feat_"))
                          for s_key, t_key in self.pairs]
         self.connectors = nn.ModuleList(
-            conv_regressor(s_shapes[s_key], t_shapes[t_key], relu=False) for s_key, t_key in self.pairs
+            connector(s_shapes[s_key], t_shapes[t_key]) for s_key, t_key in self.pairs
         ).to(model_device(self.student))
         self.pretrain_epochs_run = 0
 

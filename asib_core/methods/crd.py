@@ -9,12 +9,14 @@ Loss (RepDistiller convention; every entry already weighted)::
 
 on the pooled features ``feat_2d`` of the student and of teacher ``kd_teacher_index``:
 ``v = l2n(Linear(feat_2d))`` (``crd_feat_dim``-d, two trainable embeddings), two momentum memory
-banks ``[N_train, crd_feat_dim]`` (``crd_momentum``), ``crd_nce_k`` negatives per anchor drawn from
-samples of *other classes* (CRD "exact" mode), temperature ``crd_nce_t``, normaliser ``Z`` fixed
+banks ``[N_train, crd_feat_dim]`` (``crd_momentum``), ``crd_nce_k`` distinct negatives per anchor drawn
+from samples of *other classes* (CRD "exact" mode), temperature ``crd_nce_t``, normaliser ``Z`` fixed
 at the first batch. The math lives in :mod:`asib_core.losses.crd`.
 
-Keys: ``crd_feat_dim`` (128 in the paper), ``crd_nce_k`` (16384; clamped to ``N_train - 1`` with
-a log line when the training set is smaller), ``crd_nce_t`` (0.07), ``crd_momentum`` (0.5),
+Keys: ``crd_feat_dim`` (128 in the paper), ``crd_nce_k`` (16384; negatives of one anchor are
+distinct, drawn without replacement as in RepDistiller, so K is cut, with a log line, to the
+smallest other-class pool ``N_train - max_c N_c`` when the training set is smaller: 4,500 for
+5,000 balanced CIFAR-10 images), ``crd_nce_t`` (0.07), ``crd_momentum`` (0.5),
 ``crd_weight`` (weight of the CRD term; not in the seed configs, default 0.8 = kd-reference).
 
 The memory needs the training-set size and labels, which the constructor (``cfg`` only) does not
@@ -70,18 +72,20 @@ class CRD(Distiller):
     def setup_memory(self, n_data: int, labels=None) -> CRDMemory:
         """Build the two memory banks for a training set of ``n_data`` samples.
 
-        ``labels`` (``[n_data]``) switch on exact-mode negatives (other classes only).
+        ``labels`` (``[n_data]``) switch on exact-mode negatives (other classes only). The
+        negatives of an anchor are distinct, so ``crd_nce_k`` is cut (logged) to the smallest
+        pool: ``n_data`` minus the largest class's count (``n_data - 1`` without labels).
         """
         n_data = int(n_data)
+        labels = None if labels is None else torch.as_tensor(labels).long().reshape(-1)
+        pool = n_data - 1 if labels is None else n_data - int(torch.bincount(labels).max())
         k = self.nce_k
-        if k > n_data - 1:
-            log.info("CRD: crd_nce_k=%d exceeds the training set (%d samples); using %d "
-                     "negatives per anchor", k, n_data, n_data - 1)
-            k = n_data - 1
-        memory = CRDMemory(self.feat_dim, n_data, k, self.nce_t, self.momentum)
+        if k > pool:
+            log.info("CRD: crd_nce_k=%d exceeds the %d distinct negatives every anchor has (%d samples); "
+                     "using %d negatives per anchor", k, pool, n_data, pool)
+            k = pool
+        memory = CRDMemory(self.feat_dim, n_data, k, self.nce_t, self.momentum, labels=labels)
         memory.to(self.embed_s.linear.weight.device)
-        if labels is not None:
-            memory.set_labels(torch.as_tensor(labels))
         self.memory = memory
         self.effective_nce_k = k
         return memory

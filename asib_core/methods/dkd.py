@@ -12,22 +12,26 @@ from teacher logits (``T * log q`` is passed as the teacher logits, so ``softmax
 ``T log q / T`` gives back ``q``). With Mixup/CutMix the DKD term is
 ``lam * DKD(y_a) + (1 - lam) * DKD(y_b)``.
 
-Warm-up ``w_dkd``: DKD's own ``min(epoch / W, 1)`` with 1-based epochs, i.e.
-``min((ctx.epoch + 1) / W, 1)``; ``W = kd_warmup_epochs`` when that key is > 0 (then
-``w_dkd == ctx.kd_ramp``), else the paper's ``W = 20``. The paper's recipe is
-``kd_alpha: 0, ce_alpha: 1, dkd_alpha: 1, dkd_beta: 8, tau: 4, kd_warmup_epochs: 20``.
+Warm-up ``w_dkd``: DKD's own ``min(epoch / W, 1)`` with mdistiller's 1-based epochs
+(mdistiller/distillers/DKD.py), i.e. ``min((ctx.epoch + 1) / W, 1)``, from its own key
+``dkd_warmup_epochs`` (null: the paper's 20), which is given in epochs of the paper's
+240-epoch schedule and kept as the same share of this run:
+``W = max(1, ceil(dkd_warmup_epochs * total_epochs / 240))`` (20 -> 3 of a 30-epoch run);
+0 switches the warm-up off. ``kd_warmup_epochs`` (the engine's ramp of the optional KD term)
+does not touch it. The paper's recipe is ``recipe=dkd_paper`` (configs/recipe/dkd_paper.yaml).
 """
 from __future__ import annotations
 
 import torch
 
+from asib_core.engine.schedules import linear_warmup, scaled_warmup_epochs
 from asib_core.losses import dkd_loss
 
 from ._baseline_kd import BaselineDistiller
 from asib_core.contract import Batch, TrainContext
 from .registry import register_method
 
-#: DKD paper's warm-up length (epochs) used when kd_warmup_epochs is 0 / unset
+#: DKD paper's warm-up length (epochs of its 240-epoch schedule), used when dkd_warmup_epochs is null
 DKD_PAPER_WARMUP_EPOCHS = 20
 
 
@@ -40,12 +44,16 @@ class DKD(BaselineDistiller):
         super().__init__(student, teachers, cfg)
         self.dkd_alpha = float(cfg.get("dkd_alpha", 1.0))
         self.dkd_beta = float(cfg.get("dkd_beta", 8.0))
-        warm = int(cfg.get("kd_warmup_epochs") or 0)
-        self.warmup_epochs = warm if warm > 0 else DKD_PAPER_WARMUP_EPOCHS
+        warm = cfg.get("dkd_warmup_epochs")
+        self.reference_warmup = DKD_PAPER_WARMUP_EPOCHS if warm is None else int(warm)
 
-    def dkd_warmup(self, epoch: int) -> float:
+    def warmup_epochs(self, total_epochs: int) -> int:
+        """``W`` of a run of ``total_epochs`` student epochs (0 = no warm-up)."""
+        return scaled_warmup_epochs(self.reference_warmup, total_epochs)
+
+    def dkd_warmup(self, epoch: int, total_epochs: int) -> float:
         """``min((epoch + 1) / W, 1)`` for the 0-based global student epoch."""
-        return min(1.0, (epoch + 1) / self.warmup_epochs)
+        return linear_warmup(epoch, self.warmup_epochs(total_epochs))
 
     def forward_train(self, batch: Batch, ctx: TrainContext):
         logits = self.student(batch.x)["logit"]
@@ -66,7 +74,7 @@ class DKD(BaselineDistiller):
             total = lam * total + (1.0 - lam) * total_b
             tckd = lam * tckd + (1.0 - lam) * tckd_b
             nckd = lam * nckd + (1.0 - lam) * nckd_b
-        warm = self.dkd_warmup(ctx.epoch)
+        warm = self.dkd_warmup(ctx.epoch, ctx.total_epochs)
         losses["dkd"] = warm * total
         self.record(dkd_tckd=float(tckd.detach()), dkd_nckd=float(nckd.detach()), dkd_warmup=warm)
         return logits, losses

@@ -18,10 +18,15 @@ Two stages (teacher ``kd_teacher_index``, ``f_t`` its last map ``feat_4d``):
        ce_alpha * CE + kd_alpha * kd_ramp * KD_T (kd_alpha != 0)
      + factor_weight * mean_{b,j} | F(trans(f_s))_bj - F(enc(f_t))_bj |              ("ft")
 
-   ``F(x) = flatten(x) / ||flatten(x)||_2`` per sample (the paper's and RepDistiller's
-   factor; p = 1). If the student and teacher maps differ in size the larger factor is
-   average-pooled to the smaller. The per-element mean is RepDistiller's normalisation, for
-   which the reference weight is 200; the seed's ``factor_weight: 1.0`` is 200x weaker.
+   ``F(x) = l2n(flatten(mean_c x^2))`` per sample, RepDistiller's factor with its defaults
+   p1 = 2, p2 = 1 (distiller_zoo/FT.py, ``FactorTransfer.factor``:
+   ``F.normalize(f.pow(p1).mean(1).view(f.size(0), -1))``; loss
+   ``(factor(f_s) - factor(f_t)).abs().mean()``), the form kd-reference.md quotes. (The FT
+   paper normalises the whole flattened factor instead: ``ft_factor(mode="flatten")``.) If
+   the student and teacher maps differ in size the larger factor is average-pooled to the
+   smaller first, as in RepDistiller. The reference weight 200 (``-b 200`` in RepDistiller's
+   scripts/run_cifar_distill.sh) belongs to exactly this normalisation; the seed's
+   ``factor_weight: 1.0`` is 200x weaker. The paper recipe is ``recipe=ft_paper``.
 """
 from __future__ import annotations
 
@@ -48,6 +53,8 @@ from .registry import register_method
 log = logging.getLogger(__name__)
 FT_RATE = 0.5
 FT_P = 1
+#: RepDistiller's factor normalisation (``F(f) = l2n(mean_c f^2)``)
+FT_FACTOR_MODE = "channel_mean_square"
 
 
 def _conv_block(cin: int, cout: int, bn: bool, transpose: bool = False) -> list[nn.Module]:
@@ -150,7 +157,7 @@ class FT(BaselineDistiller):
             factor_t = self.paraphraser.encoder(outs[self.feature_teacher_index]["feat_4d"])
         factor_s = self.translator(out["feat_4d"])
         factor_s, factor_t = match_spatial(factor_s, factor_t)
-        ft = ft_loss(factor_s, factor_t, p=FT_P, mode="flatten")
+        ft = ft_loss(factor_s, factor_t, p=FT_P, mode=FT_FACTOR_MODE)
         losses["ft"] = self.factor_weight * ft
         self.record(ft_l1=float(ft.detach()))
         return logits, losses

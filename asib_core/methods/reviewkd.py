@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from asib_core.engine.schedules import linear_warmup, scaled_warmup_epochs
 from asib_core.losses import at_multi_layer_loss, reviewkd_hcl_loss, soft_target_kd_loss
 
 from ._probe import (
@@ -46,8 +47,8 @@ from asib_core.contract import Batch, Distiller, TrainContext
 from .registry import register_method
 from .targets import target_probs
 
-#: official schedule: HCL weight ramps linearly over 20 of 240 epochs
-WARMUP_EPOCHS, REFERENCE_EPOCHS = 20, 240
+#: official schedule: HCL weight ramps linearly over 20 of 240 epochs (scaled to the run)
+WARMUP_EPOCHS = 20
 MAX_MID_CHANNELS = 512
 #: HCL weight when ``feature_weight`` is not configured (kd-reference.md: 5.0 on CIFAR)
 DEFAULT_HCL_WEIGHT = 5.0
@@ -82,9 +83,7 @@ class ABF(nn.Module):
 
 def reviewkd_warmup(epoch: int, total_epochs: int) -> float:
     """``min(1, (epoch + 1) / W)``, ``W = max(1, ceil(total_epochs * 20 / 240))``."""
-    total = max(int(total_epochs), 1)
-    warm = max(1, -(-total * WARMUP_EPOCHS // REFERENCE_EPOCHS))  # integer ceil
-    return min(1.0, (int(epoch) + 1) / warm)
+    return linear_warmup(epoch, scaled_warmup_epochs(WARMUP_EPOCHS, total_epochs))
 
 
 @register_method("reviewkd")
