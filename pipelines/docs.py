@@ -80,14 +80,16 @@ resolution, not by hand; *per recipe* keys are set by each fine-tuning recipe. A
 **Overrides.** A run's keys are overridden on the command line as `experiment.KEY=VALUE` (nested
 keys with dots: `experiment.dataset.batch_size=128`); groups are switched with `dataset=NAME`,
 `schedule=NAME`, `method=NAME`, `student=NAME`, `teacher1=NAME`, `teacher2=NAME`,
-`anchor=fair_baseline`, `method_preset=NAME`, and the seed with `seed=N`. Fine-tuning recipe keys
-are overridden as `KEY=VALUE`.
+`anchor=fair_baseline`, `method_preset=NAME`, a paper recipe with `recipe=NAME` (`configs/recipe`,
+docs/methods.md), and the seed with `seed=N`. Fine-tuning recipe keys are overridden as `KEY=VALUE`.
 
 **Precedence.** A key set by the experiment file, by `configs/base.yaml` (composed into the
 experiment node) or by an `experiment.*` override counts as set at experiment level; the method
 file fills only the keys none of them sets. So: override > experiment file > base > method file
-for keys base sets, and override > experiment file > method file otherwise. An anchor
-(`anchor=fair_baseline`) is merged over the result; `project_defaults.yaml` fills what is still
+for keys base sets, and override > experiment file > method file otherwise. A paper recipe
+(`recipe=NAME`) selects its method file and is merged over the result except for the keys an
+override sets (override > recipe > experiment file); an anchor (`anchor=fair_baseline`, not
+combinable with a recipe) is merged over the result; `project_defaults.yaml` fills what is still
 unset.
 """
 

@@ -1,7 +1,7 @@
 """The one rule for config keys (decisions.md): every key of every seed config is documented.
 
 1. Every leaf key of every composed seed experiment (plus every method file, every method
-   preset and the fair-baseline anchor) and of every fine-tune recipe is in the key reference
+   preset, every paper recipe and the fair-baseline anchor) and of every fine-tune recipe is in the key reference
    (asib_core/config/keys.yaml), in its section, and its value has the documented type.
 2. docs/configuration.md is the current rendering of keys.yaml.
 3. ``check_against_reference`` refuses unknown keys (with a close match), wrong types and
@@ -39,6 +39,7 @@ def _run_cases() -> list[tuple[str, tuple[str, ...]]]:
     cases += [("sota_generic", (f"method={m}",)) for m in _names("experiment/method")]
     cases += [("sota_generic", (f"method_preset={m}",)) for m in _names("method")]
     cases += [("L0_baseline", ("anchor=fair_baseline",))]
+    cases += [("sota_generic", (f"recipe={r}",)) for r in _names("recipe") if not r.startswith("_")]
     return cases
 
 
