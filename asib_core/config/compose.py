@@ -139,6 +139,8 @@ def translate_override(item: str) -> list[str]:
             f"(here exp={value}), before the overrides. (experiment=NAME names an MLflow experiment only "
             "for the report entry point.)"
         )
+    if bare == "recipe" and prefix:
+        raise ConfigError(f"'{item}': select a paper recipe as recipe=NAME, without '{prefix}'.")
     if bare == "dataset" and not prefix:
         return [f"{_SHORTCUTS[bare]}={value}", f"++experiment.dataset.name={value}"]
     if bare in _SHORTCUTS and not prefix:
