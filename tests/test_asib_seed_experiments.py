@@ -158,6 +158,8 @@ NOT_READ_BY_A_SEED_RUN = {
     "feature_weight": "methods ab, ft, reviewkd, simkd (tests/test_methods_*.py)",
     "dkd_alpha": "method dkd (tests/test_methods_dkd_fitnet_at_ab_ft.py)",
     "dkd_beta": "method dkd (tests/test_methods_dkd_fitnet_at_ab_ft.py)",
+    "dkd_warmup_epochs": "method dkd (tests/test_recipes.py)",
+    "recipe": "written by resolution from recipe=NAME: the paper recipe's name, a record (tests/test_recipes.py)",
     "hint_beta": "method fitnet (tests/test_methods_dkd_fitnet_at_ab_ft.py)",
     "hint_layer": "method fitnet (tests/test_methods_dkd_fitnet_at_ab_ft.py)",
     "crd_*": "method crd (tests/test_methods_crd_reviewkd_simkd_sskd.py)",

@@ -89,6 +89,8 @@ def test_overrides_win_over_the_recipe_and_clashes_are_refused():
         resolved("kd_paper", "anchor=fair_baseline")
     with pytest.raises(ConfigError, match="unknown recipe 'kd_papr'.*kd_paper"):
         resolved("kd_papr")
+    with pytest.raises(ConfigError, match="as recipe=NAME"):
+        build_effective("sota_generic", ["+recipe=kd_paper"])
 
 
 # -- fidelity to the reference implementations ------------------------------------------------
