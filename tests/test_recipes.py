@@ -157,7 +157,10 @@ def test_ab_connector_only_where_student_and_teacher_shapes_differ():
     assert [c[0].out_channels for c in wide.connectors] == [32, 64, 128]
 
 
-def test_crd_paper_embeds_in_128_d_and_draws_distinct_negatives():
+def test_crd_paper_embeds_in_128_d_and_draws_distinct_negatives(monkeypatch):
+    import asib_core.losses.crd as crd_losses
+
+    monkeypatch.setattr(crd_losses, "SAMPLING_CHUNK_ELEMENTS", 7 * 60)  # anchors in chunks of 7 rows
     dist = _build(resolved("crd_paper"))
     assert dist.embed_s.linear.out_features == dist.embed_t.linear.out_features == 128
     labels = torch.arange(60) % 10                      # 6 per class: 54 negatives in every pool
@@ -166,7 +169,7 @@ def test_crd_paper_embeds_in_128_d_and_draws_distinct_negatives():
     idx = torch.arange(60).repeat(20)
     for k in (54, 10):
         neg = memory.sample_negatives(idx, k=k, generator=torch.Generator().manual_seed(k))
-        assert all(len(set(row)) == k for row in neg.tolist())
+        assert neg.shape == (1200, k) and all(len(set(row)) == k for row in neg.tolist())
         assert bool((labels[neg] != labels[idx].unsqueeze(1)).all())
 
 

@@ -30,6 +30,10 @@ from ._common import l2_normalize, upcast
 
 __all__ = ["crd_nce_loss", "CRDMemory", "CRDEmbed", "CRDLoss"]
 
+#: most random keys drawn at once when sampling negatives (anchors are processed in row chunks
+#: of ``SAMPLING_CHUNK_ELEMENTS // n_data``: 64 MiB of float32 keys, even for ImageNet-size banks)
+SAMPLING_CHUNK_ELEMENTS = 1 << 24
+
 
 def crd_nce_loss(
     pos_scores: Tensor,
@@ -181,6 +185,10 @@ class CRDMemory(nn.Module):
         k = self.nce_k if k is None else int(k)
         self._check_k(k)
         idx = idx.long().reshape(-1).to(self.memory_s.device)
+        rows = max(1, SAMPLING_CHUNK_ELEMENTS // self.n_data)  # bounds the [rows, N] key matrix
+        return torch.cat([self._distinct_negatives(part, k, generator) for part in idx.split(rows)])
+
+    def _distinct_negatives(self, idx: Tensor, k: int, generator: Optional[torch.Generator]) -> Tensor:
         dev = self.memory_s.device
         keys = torch.rand(idx.shape[0], self.n_data, device=dev, generator=generator)
         if self.labels is not None:
