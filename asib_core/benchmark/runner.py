@@ -29,7 +29,7 @@ from asib_core.tracking.environ import scoped_environ
 
 from .spec import (BENCH_TAG, COMMAND_TAG, MACHINE_TAG, ROW_TAG, Benchmark, Row, load_benchmark, select_rows,
                    select_seeds)
-from .teachers import Teacher, data_root, evaluate_teachers, plan_teachers, slug, train_teachers
+from .teachers import Teacher, data_root, evaluate_teachers, pinned_path, plan_teachers, train_teachers
 
 log = logging.getLogger("asib.benchmark")
 ROLES = ("teacher1", "teacher2")
@@ -207,12 +207,9 @@ def _execute(bench, rows, seeds, root, configs, teachers, parent_id, tags, echo)
 
 
 def _pinned_path(bench: Benchmark, teacher: Teacher):
-    """A dry run pins nothing: the checkpoint path an earlier real run left, if it is there."""
-    from pathlib import Path
-
-    artifact = MlflowClient().get_run(teacher.run_id).data.tags.get("asib.teacher_artifact", "")
-    path = Path("checkpoints") / "benchmark" / slug(bench.name) / artifact
-    return path if artifact and path.is_file() else None
+    """A dry run pins nothing: the checkpoint an earlier real run left, if it is there."""
+    path = pinned_path(bench, teacher.run_id)[1]
+    return path if path.is_file() else None
 
 
 def _print_plan(bench: Benchmark, teachers: list[Teacher], plan: list[PlannedRun], echo) -> None:

@@ -93,11 +93,16 @@ def train_teachers(bench: Benchmark, teachers: list[Teacher], parent_run_id: str
         teacher.path = pin_checkpoint(bench, teacher.run_id)
 
 
-def pin_checkpoint(bench: Benchmark, run_id: str) -> Path:
+def pinned_path(bench: Benchmark, run_id: str) -> tuple[str, Path]:
+    """(the teacher artifact of a finetune run, where the benchmark keeps its local copy)."""
     artifact = mlflow.get_run(run_id).data.tags["asib.teacher_artifact"]
-    dest = Path("checkpoints") / "benchmark" / slug(bench.name)
-    mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(dest))
-    return dest / artifact
+    return artifact, Path("checkpoints") / "benchmark" / slug(bench.name) / Path(artifact).name
+
+
+def pin_checkpoint(bench: Benchmark, run_id: str) -> Path:
+    artifact, path = pinned_path(bench, run_id)
+    mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(path.parent))
+    return path
 
 
 def evaluation_identity(bench: Benchmark, teachers: list[Teacher], cfg: dict) -> str:
