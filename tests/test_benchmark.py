@@ -1,7 +1,8 @@
 """Issue 12 items 5-6: one command runs a benchmark protocol and `report` writes its results page.
 
-A tiny digits benchmark (written by the test: two teachers fine-tuned for one epoch, two rows x
-two seeds of one-epoch students on 20 images per class) run in-process through the entry point
+A tiny digits benchmark (written by the test: two teachers fine-tuned for one epoch on 100
+images per class - enough to disagree -, two rows x two seeds of one-epoch students on 20 images
+per class) run in-process through the entry point
 in one temporary MLflow store: first one run of it alone (an interrupted benchmark), then the
 whole benchmark, then the same command again. The page's numbers are checked against the runs
 in the store; the unknown-row refusal runs as a subprocess (its exit code is the point).
@@ -23,7 +24,7 @@ from tests.pipeline_helpers import all_runs, run_module, use_isolated_store
 TINY = {
     "name": "tiny-digits", "title": "Tiny digits benchmark",
     "data": {"dataset": "digits"},
-    "teachers": [{"teacher": t, "overrides": ["finetune_epochs=1", "dataset.train_per_class=20"]}
+    "teachers": [{"teacher": t, "overrides": ["finetune_epochs=1", "dataset.train_per_class=100"]}
                  for t in ("resnet20", "wrn_16_2")],
     "seeds": [0, 1],
     "common": ["dataset=digits", "teacher1=resnet20", "teacher2=wrn_16_2", "student=resnet8",
@@ -103,9 +104,39 @@ def test_teachers_table_comes_from_one_evaluation_run(bench):
     for teacher in ("resnet20", "wrn_16_2"):
         ft = client.get_run(evals[0].data.tags[f"teacher_run.{teacher}"])
         assert m[f"teacher/{teacher}/val_acc"] == pytest.approx(ft.data.metrics["val/best_acc"])
+    # ensemble, oracle and agreement recomputed here from the two pinned checkpoints
+    for split in ("val", "test"):
+        probs, labels = _teacher_outputs(bench["work"], split)
+        preds = probs.argmax(2)
+        assert m[f"ensemble/{split}_acc"] == pytest.approx((probs.mean(0).argmax(1) == labels).mean())
+        assert m[f"oracle/{split}_acc"] == pytest.approx((preds == labels).any(0).mean())
+        assert m[f"agreement/{split}"] == pytest.approx((preds[0] == preds[1]).mean())
     page = (bench["work"] / "results" / "tiny-digits.md").read_text(encoding="utf-8")
     assert f"| `wrn_16_2` | {100 * m['teacher/wrn_16_2/val_acc']:.2f} | {100 * m['teacher/wrn_16_2/test_acc']:.2f} |" in page
     assert f"| oracle (any teacher right) | {100 * m['oracle/val_acc']:.2f} |" in page
+
+
+def _teacher_outputs(work, split: str):
+    """Softmax outputs (teacher x image x class) of the pinned teachers on a split, and the labels."""
+    import numpy as np
+    import torch
+
+    from asib_core.config import resolve_experiment
+    from asib_core.data import build_data
+    from asib_core.models import create_model
+
+    cfg = resolve_experiment("quickstart", TINY["common"]).cfg
+    data = build_data(cfg, "cpu")
+    x, y = map(torch.cat, zip(*[(xb, yb) for xb, yb, _ in data.loader(split, batch_size=256)]))
+    probs = []
+    for name in ("resnet20", "wrn_16_2"):
+        payload = torch.load(work / "checkpoints" / "benchmark" / "tiny-digits" / f"{name}_digits.pth",
+                             map_location="cpu", weights_only=True)
+        model = create_model(name, num_classes=10, pretrained=False, small_input=True)
+        model.load_state_dict(payload["model"])
+        with torch.no_grad():
+            probs.append(torch.softmax(model.eval()(x)["logit"], 1).numpy())
+    return np.stack(probs), y.numpy()
 
 
 def test_progress_lines_and_an_interrupted_benchmark_continues(bench):
