@@ -184,3 +184,22 @@ def test_every_benchmark_config_row_composes_in_a_dry_run(workdir, capsys):
     out = capsys.readouterr().out
     assert "4 of 4 runs to train" in out and "L1 IB seed 0: to run" in out
     assert not all_runs(workdir)
+
+
+def test_rows_by_name_or_index_and_an_unknown_benchmark(workdir, capsys):
+    """Row names may hold commas (the protocol's seed-recipe row); an unknown name lists the known ones."""
+    from asib_core.benchmark import load_benchmark, select_rows, select_seeds
+    from pipelines.benchmark import main
+
+    bench = load_benchmark("cifar10_lowdata")
+    chosen = select_rows(bench, "seed recipe (sota_generic, vanilla_kd),0,KD (wrn_16_2),0")
+    assert [r.name for r in chosen] == ["seed recipe (sota_generic, vanilla_kd)", "CE-only", "KD (wrn_16_2)"]
+    assert len(select_rows(bench, "")) == len(bench.rows) and select_seeds(bench, "") == [0, 1, 2]
+    with pytest.raises(SystemExit) as exc:
+        main(["name=cifar10_low", "dry_run=true"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "no benchmark named 'cifar10_low'" in err and "cifar10_lowdata" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["name=digits", "seeds=0,x"])
+    assert exc.value.code == 2 and "seeds='0,x'" in capsys.readouterr().err
+    assert not all_runs(workdir)
