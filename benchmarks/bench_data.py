@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from asib_core.data import DeviceBatchLoader, load_split  # noqa: E402
-from asib_core.data.cache import fallback_cache_dir  # noqa: E402
+from asib_core.data.archive import unpacked_tarball  # noqa: E402
 from asib_core.paths import cifar10_jpeg_tarball  # noqa: E402
 
 TARBALL = cifar10_jpeg_tarball()
@@ -42,25 +42,7 @@ TARBALL = cifar10_jpeg_tarball()
 
 def extracted_root() -> Path:
     """``<cache>/cifar10-jpeg/cifar10``, extracting the tarball on first use."""
-    dest = fallback_cache_dir() / "cifar10-jpeg"
-    root, marker = dest / "cifar10", dest / ".extracted"
-    if not marker.is_file():
-        import shutil
-        import subprocess
-        import tarfile
-
-        if not TARBALL.is_file():
-            raise SystemExit(f"CIFAR-10 JPEG tarball not found at {TARBALL} (set ASIB_CIFAR10_JPEG_TAR)")
-        dest.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        if shutil.which("tar"):
-            subprocess.run(["tar", "-xzf", str(TARBALL), "-C", str(dest)], check=True)
-        else:
-            with tarfile.open(TARBALL) as tf:
-                tf.extractall(dest, filter="data")
-        marker.write_text(str(TARBALL))
-        print(f"extracted {TARBALL} -> {dest} in {time.perf_counter() - t0:.1f} s")
-    return root
+    return unpacked_tarball(TARBALL, "cifar10-jpeg") / "cifar10"
 
 
 def sync(device: torch.device) -> None:

@@ -2,9 +2,11 @@
 
     python -m pipelines.report [experiment=NAME[,NAME]] [filter="tags.dataset = 'cifar100'"]
                                [group_by=exp,method,teachers,student] [out=reports/<timestamp>]
+    python -m pipelines.report benchmark=cifar10_lowdata [out=docs/results]
 
 Writes Markdown, CSV and PNG files to ``out`` and logs them as artifacts of a run tagged
-``step=report`` (see docs/reports.md).
+``step=report`` (see docs/reports.md). With ``benchmark=NAME``: the results page of that
+benchmark, ``<out>/<its name>.md`` + ``.csv``, from its runs in the store (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import sys
 
 from pipelines._cli import exit_on_help, user_errors
 
-OPTIONS = ("experiment", "filter", "group_by", "out")
+OPTIONS = ("experiment", "filter", "group_by", "out", "benchmark")
 
 
 def parse_args(argv: list[str]) -> dict:
@@ -32,6 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_help(argv, __doc__, "report")
     with user_errors():
         args = parse_args(argv)
+        if args.get("benchmark"):
+            from asib_core.report.benchmark import run_benchmark_report
+
+            page = run_benchmark_report(args["benchmark"], args.get("out") or "docs/results")
+            print(page.markdown.read_text(encoding="utf-8"))
+            print(f"results page {page.markdown} and {page.csv}")
+            return 0
         from asib_core.report import run_report
 
         result = run_report(experiment=args.get("experiment") or None, filter_string=args.get("filter", ""),

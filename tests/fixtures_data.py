@@ -12,14 +12,12 @@ checked for an exact round trip.
 from __future__ import annotations
 
 import pickle
-import shutil
-import subprocess
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from asib_core.data.archive import extract_tarball
 from asib_core.paths import cifar10_jpeg_tarball
 
 CIFAR10_JPEG_TARBALL = cifar10_jpeg_tarball()   # ../shared or $ASIB_SHARED_DIR / $ASIB_CIFAR10_JPEG_TAR
@@ -103,16 +101,6 @@ def write_imagenet32(directory: Path, per_batch: int = 3, n_val: int = 5, seed: 
     vy0[0], vy0[-1] = 0, 999  # both ends of the label range
     _dump(directory / "val_data", {"data": hwc_to_rows(vx), "labels": [int(v) + 1 for v in vy0]})
     return {"train": (np.concatenate(xs), np.concatenate(ys)), "test": (vx, vy0)}
-
-
-def extract_tarball(tarball: Path, dest: Path) -> None:
-    """Unpack with the system ``tar`` when present (5x faster than ``tarfile`` here)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    if shutil.which("tar"):
-        subprocess.run(["tar", "-xzf", str(tarball), "-C", str(dest)], check=True)
-    else:
-        with tarfile.open(tarball) as tf:
-            tf.extractall(dest, filter="data")
 
 
 _EXTRACTED: dict[str, Path] = {}

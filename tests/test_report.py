@@ -273,7 +273,7 @@ def test_mlproject_report_entry_point():
 
     spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "MLproject").read_text())
     entry = spec["entry_points"]["report"]
-    assert set(entry["parameters"]) == {"experiment", "filter", "group_by", "out"}
+    assert set(entry["parameters"]) == {"experiment", "filter", "group_by", "out", "benchmark"}
     assert entry["parameters"]["group_by"]["default"] == ",".join(KEYS)
     assert entry["command"].startswith("python -m pipelines.report ")
 

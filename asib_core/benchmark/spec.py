@@ -1,0 +1,143 @@
+"""A benchmark protocol as data: ``configs/benchmark/<key>.yaml`` (or any YAML file with the same
+fields), loaded and checked, and the selection of rows and seeds of one invocation.
+
+Fields: ``name`` (the tag value ``asib.benchmark`` and the results page's file name), ``title``,
+``data`` (``dataset``; for image folders ``tarball`` and ``folder``), ``teachers`` (``teacher`` +
+fine-tune ``overrides``), ``seeds``, ``common`` (overrides of every student row) and ``rows``
+(``name``, ``exp``, ``overrides``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from asib_core.config.errors import ConfigError
+from asib_core.paths import PROJECT_ROOT
+
+BENCHMARK_DIR = PROJECT_ROOT / "configs" / "benchmark"
+#: the tags of a benchmark's runs: its name, the row, the machine and command that made the run
+BENCH_TAG, ROW_TAG, MACHINE_TAG, COMMAND_TAG = "asib.benchmark", "asib.bench_row", "asib.machine", "asib.bench_command"
+#: the step tag of the run that evaluates the teachers
+TEACHERS_STEP = "bench_teachers"
+
+
+@dataclass(frozen=True)
+class Row:
+    index: int
+    name: str
+    exp: str
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass
+class Benchmark:
+    key: str                      # the file name without .yaml (or the path given)
+    name: str
+    title: str
+    data: dict
+    teachers: list[dict]
+    seeds: list[int]
+    common: list[str]
+    rows: list[Row]
+    source: Path = field(default=Path())
+
+    @property
+    def dataset(self) -> str:
+        return str(self.data.get("dataset") or "digits")
+
+    def row(self, name: str) -> Row:
+        return next(r for r in self.rows if r.name == name)
+
+
+def list_benchmarks() -> list[str]:
+    return sorted(p.stem for p in BENCHMARK_DIR.glob("*.yaml"))
+
+
+def benchmark_file(name: str) -> Path:
+    """``name``: a file of configs/benchmark/ (its stem or its ``name`` field), or a YAML path."""
+    if name.endswith((".yaml", ".yml")) and Path(name).is_file():
+        return Path(name)
+    path = BENCHMARK_DIR / f"{name}.yaml"
+    if path.is_file():
+        return path
+    for stem in list_benchmarks():
+        candidate = BENCHMARK_DIR / f"{stem}.yaml"
+        if (yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}).get("name") == name:
+            return candidate
+    raise ConfigError(
+        f"no benchmark named {name!r}: known benchmarks (configs/benchmark/) are "
+        f"{', '.join(list_benchmarks()) or '(none)'}; a path to a benchmark YAML file works too. "
+        "Pass name=NAME, e.g. name=cifar10_lowdata.")
+
+
+def load_benchmark(name: str) -> Benchmark:
+    path = benchmark_file(name)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    where = f"benchmark file {path}"
+    rows_raw = raw.get("rows") or []
+    if not isinstance(rows_raw, list) or not rows_raw:
+        raise ConfigError(f"{where} has no rows: give `rows:` as a list of {{name, exp, overrides}}.")
+    rows = []
+    for i, item in enumerate(rows_raw):
+        if not isinstance(item, dict) or not item.get("name") or not item.get("exp"):
+            raise ConfigError(f"{where}: row {i} ({item!r}) needs a `name` and an `exp`.")
+        rows.append(Row(i, str(item["name"]), str(item["exp"]), tuple(str(o) for o in item.get("overrides") or ())))
+    names = [r.name for r in rows]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"{where}: row names must be unique; repeated: {', '.join(twice)}.")
+    teachers = [dict(t) for t in raw.get("teachers") or []]
+    if any(not t.get("teacher") for t in teachers):
+        raise ConfigError(f"{where}: every entry of `teachers` needs `teacher: NAME`.")
+    key = path.stem if path.parent == BENCHMARK_DIR else str(path)
+    return Benchmark(key=key, name=str(raw.get("name") or path.stem), title=str(raw.get("title") or path.stem),
+                     data=dict(raw.get("data") or {}), teachers=teachers,
+                     seeds=[int(s) for s in raw.get("seeds") or [0]], common=[str(o) for o in raw.get("common") or []],
+                     rows=rows, source=path)
+
+
+def select_rows(bench: Benchmark, text: str) -> list[Row]:
+    """``rows=``: comma-separated row names or indices (0-based); empty = every row. A row name
+    may itself hold commas: the longest run of items that names a row wins."""
+    items = [t.strip() for t in (text or "").split(",")]
+    if not any(items):
+        return list(bench.rows)
+    by_name = {r.name: r for r in bench.rows}
+    chosen, unknown, i = [], [], 0
+    while i < len(items):
+        for j in range(len(items), i, -1):
+            joined = ", ".join(items[i:j])
+            if joined in by_name or ",".join(items[i:j]) in by_name:
+                chosen.append(by_name.get(joined) or by_name[",".join(items[i:j])])
+                i = j
+                break
+        else:
+            item = items[i]
+            if item.isdigit() and int(item) < len(bench.rows):
+                chosen.append(bench.rows[int(item)])
+            elif item:
+                unknown.append(item)
+            i += 1
+    if unknown:
+        listing = "; ".join(f"{r.index}: {r.name}" for r in bench.rows)
+        raise ConfigError(
+            f"benchmark {bench.key} has no row {', '.join(repr(u) for u in unknown)}. Its rows (index: name) "
+            f"are {listing}. Pass rows=NAME,NAME or rows=0,3 (empty: every row).")
+    return list(dict.fromkeys(chosen))
+
+
+def select_seeds(bench: Benchmark, text: str) -> list[int]:
+    """``seeds=``: comma-separated whole numbers; empty = the benchmark's own seeds."""
+    if not (text or "").strip():
+        return list(bench.seeds)
+    seeds = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            seeds.append(int(item))
+        except ValueError:
+            raise ConfigError(f"seeds={text!r} is not allowed: give comma-separated whole numbers, "
+                              f"e.g. seeds={','.join(map(str, bench.seeds))}.") from None
+    return list(dict.fromkeys(seeds))

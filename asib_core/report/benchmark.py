@@ -1,0 +1,182 @@
+"""The results page of a benchmark (``docs/results/<name>.md`` + ``.csv``), from the store alone.
+
+Reads the FINISHED ``distill`` runs tagged ``asib.benchmark=<name>`` (per row and seed the newest
+one) and the newest FINISHED ``bench_teachers`` run of the benchmark, and writes: the teachers
+table (each teacher's val/test top-1, the ensemble, the oracle, their agreement), one row per
+benchmark row in the protocol's order (val top-1 of the best epoch, test top-1 of the
+best-on-validation student and of the last epoch as mean ± sd over n seeds, run and train time,
+images/s), and where the numbers come from: commits, machines and the commands, as the runs
+recorded them.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from asib_core.benchmark.spec import BENCH_TAG, COMMAND_TAG, MACHINE_TAG, ROW_TAG, TEACHERS_STEP, Benchmark
+from asib_core.pipeline.common import git_commit
+from asib_core.tracking import search_finished
+
+from .query import load_runs
+from .tables import seeds_text, stats
+from .writers import DASH, markdown_table, mean_std, number
+
+#: page column -> (run column, header, decimals); accuracies in %
+COLUMNS = (("val_acc", "val top-1, best epoch (%)", 2),
+           ("test_acc", "test top-1, best-on-val (%)", 2),
+           ("test_acc_last", "test top-1, last epoch (%)", 2),
+           ("wall_time_s", "run time (s, mean)", 0),
+           ("train_time_s", "train time (s, mean)", 0),
+           ("img_per_s", "train img/s (mean)", 0))
+MEAN_ONLY = ("wall_time_s", "train_time_s", "img_per_s")
+
+
+@dataclass
+class Page:
+    markdown: Path
+    csv: Path
+    table: pd.DataFrame
+    teachers: dict
+    files: list[Path] = field(default_factory=list)
+
+
+def page_name(bench: Benchmark) -> str:
+    return bench.name
+
+
+def benchmark_runs(bench: Benchmark) -> pd.DataFrame:
+    """The FINISHED distill runs of the benchmark, the newest per row and seed."""
+    runs = load_runs(None, f"tags.`{BENCH_TAG}` = '{bench.name}' and tags.step = 'distill' "
+                           "and attributes.status = 'FINISHED'")
+    if runs.empty:
+        return runs.assign(row=pd.Series(dtype=str))
+    runs["row"] = runs.get(f"tags.{ROW_TAG}", pd.Series("", index=runs.index)).fillna("")
+    runs = runs.sort_values("start_time", ascending=False).drop_duplicates(["row", "seed"])
+    return runs
+
+
+def results_table(bench: Benchmark, runs: pd.DataFrame) -> pd.DataFrame:
+    """One line per row of the protocol (rows without runs have n = 0)."""
+    lines = []
+    for row in bench.rows:
+        part = runs[runs["row"] == row.name] if not runs.empty else runs
+        line = {"row": row.name, "exp": row.exp,
+                "method": ",".join(sorted(set(part["method"]))) if len(part) else "",
+                "n": int(len(part)), "seeds": seeds_text(part) if len(part) else ""}
+        for col, _, _ in COLUMNS:
+            mean, std, _ = stats(part[col]) if len(part) else (float("nan"), float("nan"), 0)
+            line[f"{col}_mean"], line[f"{col}_std"] = mean, std
+        lines.append(line)
+    return pd.DataFrame(lines)
+
+
+def teachers_metrics(bench: Benchmark) -> tuple[dict, str | None]:
+    runs = search_finished(f"tags.step = '{TEACHERS_STEP}' and tags.`{BENCH_TAG}` = '{bench.name}'")
+    if not runs:
+        return {}, None
+    return dict(runs[0].data.metrics), runs[0].info.run_id
+
+
+def teachers_markdown(bench: Benchmark, metrics: dict) -> str:
+    if not metrics:
+        return "_No teachers' evaluation in the store yet (it runs before the first student run)._\n"
+    names = [t["teacher"] for t in bench.teachers]
+    rows = [[f"`{n}`", _pct(metrics.get(f"teacher/{n}/val_acc")), _pct(metrics.get(f"teacher/{n}/test_acc"))]
+            for n in names]
+    if len(names) > 1:
+        rows.append(["ensemble (mean of softmax)", _pct(metrics.get("ensemble/val_acc")),
+                     _pct(metrics.get("ensemble/test_acc"))])
+        rows.append(["oracle (any teacher right)", _pct(metrics.get("oracle/val_acc")),
+                     _pct(metrics.get("oracle/test_acc"))])
+        rows.append(["agreement (same prediction)", _pct(metrics.get("agreement/val")),
+                     _pct(metrics.get("agreement/test"))])
+    return markdown_table(["teacher", "val top-1 (%)", "test top-1 (%)"], rows)
+
+
+def _pct(value) -> str:
+    return number(None if value is None else 100.0 * value)
+
+
+def results_markdown(table: pd.DataFrame) -> str:
+    header = ["row", "exp", "method", "n", "seeds", *(h for _, h, _ in COLUMNS)]
+    rows = []
+    for _, line in table.iterrows():
+        values = [mean_std(line[f"{c}_mean"], None if c in MEAN_ONLY else line[f"{c}_std"], d)
+                  for c, _, d in COLUMNS]
+        rows.append([line["row"], line["exp"], line["method"] or DASH, line["n"], line["seeds"] or DASH, *values])
+    return markdown_table(header, rows)
+
+
+def provenance(runs: pd.DataFrame, teacher_run: str | None) -> dict[str, list[str]]:
+    """The commits, machines and commands the runs (and the teachers' evaluation) recorded."""
+    frames = [runs]
+    if teacher_run:
+        tags = MlflowClient().get_run(teacher_run).data.tags
+        frames.append(pd.DataFrame([{f"tags.{k}": v for k, v in tags.items()}]))
+    both = pd.concat(frames, ignore_index=True) if not runs.empty else frames[-1]
+
+    def distinct(col: str) -> list[str]:
+        if both is None or col not in both.columns:
+            return []
+        return sorted({str(v) for v in both[col].dropna() if str(v)})
+
+    return {"commits": distinct("tags.git_commit"), "machines": distinct(f"tags.{MACHINE_TAG}"),
+            "commands": distinct(f"tags.{COMMAND_TAG}")}
+
+
+def write_page(bench: Benchmark, out_dir: str | Path = "docs/results") -> Page:
+    """Write ``<out_dir>/<name>.md`` and ``.csv`` from the store."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = benchmark_runs(bench)
+    table = results_table(bench, runs)
+    metrics, teacher_run = teachers_metrics(bench)
+    where = provenance(runs, teacher_run)
+    report_cmd = f"python -m pipelines.report benchmark={bench.key} out={out_dir}"
+
+    def items(values: list[str], code: bool = False) -> str:
+        if not values:
+            return "  - (none recorded)"
+        return "\n".join(f"  - `{v}`" if code else f"  - {v}" for v in values)
+
+    body = [
+        f"# {bench.title}", "",
+        f"Benchmark `{bench.name}` (`{bench.source.name}`), generated by `report` from the MLflow store: "
+        "nothing on this page is typed by hand.", "",
+        f"- generated: {dt.date.today().isoformat()} at commit `{git_commit()}`",
+        "- commits of the runs:", items(where["commits"], code=True),
+        "- machines of the runs (CPU, cores, torch):", items(where["machines"]),
+        "- commands that made the runs:", items(where["commands"], code=True),
+        f"- command that made this page: `{report_cmd}`", "",
+        "## Teachers", "", teachers_markdown(bench, metrics),
+        "## Students", "",
+        "Mean ± sample sd (ddof=1) over the seeds (n); per row and seed the newest FINISHED run. Val top-1 is "
+        "the best epoch's validation accuracy, test top-1 that of the best-on-validation student and of "
+        "the last epoch; run time is a run's wall clock (all its stages), train time the sum of its "
+        "epochs.", "", results_markdown(table),
+    ]
+    md, csv = out / f"{page_name(bench)}.md", out / f"{page_name(bench)}.csv"
+    md.write_text("\n".join(body), encoding="utf-8")
+    table.to_csv(csv, index=False)
+    return Page(markdown=md, csv=csv, table=table, teachers=metrics, files=[md, csv])
+
+
+def run_benchmark_report(name: str, out_dir: str | Path = "docs/results") -> Page:
+    """``write_page`` inside a run tagged ``step=report`` whose artifacts are the two files."""
+    from asib_core.benchmark.spec import load_benchmark
+    from asib_core.pipeline.common import setup_logging
+    from asib_core.tracking import configure_tracking, experiment_name, open_run
+
+    setup_logging()
+    bench = load_benchmark(name)
+    configure_tracking()
+    page = write_page(bench, out_dir)
+    tags = {"step": "report", "method": "report", "exp": "report", "git_commit": git_commit(), BENCH_TAG: bench.name}
+    with open_run(experiment=experiment_name(), run_name=f"report {bench.name}", tags=tags) as run:
+        for path in page.files:
+            MlflowClient().log_artifact(run.run_id, str(path))
+    return page

@@ -1,0 +1,205 @@
+"""Issue 12 items 5-6: one command runs a benchmark protocol and `report` writes its results page.
+
+A tiny digits benchmark (written by the test: two teachers fine-tuned for one epoch on 100
+images per class - enough to disagree -, two rows x two seeds of one-epoch students on 20 images
+per class) run in-process through the entry point
+in one temporary MLflow store: first one run of it alone (an interrupted benchmark), then the
+whole benchmark, then the same command again. The page's numbers are checked against the runs
+in the store; the unknown-row refusal runs as a subprocess (its exit code is the point).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import statistics
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.pipeline_helpers import all_runs, run_module, use_isolated_store
+
+TINY = {
+    "name": "tiny-digits", "title": "Tiny digits benchmark",
+    "data": {"dataset": "digits"},
+    "teachers": [{"teacher": t, "overrides": ["finetune_epochs=1", "dataset.train_per_class=100"]}
+                 for t in ("resnet20", "wrn_16_2")],
+    "seeds": [0, 1],
+    "common": ["dataset=digits", "teacher1=resnet20", "teacher2=wrn_16_2", "student=resnet8",
+               "experiment.student_epochs_per_stage=[1]", "experiment.dataset.train_per_class=20",
+               "experiment.eval_batch_size=256", "experiment.log_model=false",
+               "experiment.compute_teacher_eval=false"],
+    "rows": [{"name": "CE-only", "exp": "quickstart", "overrides": ["method=ce"]},
+             {"name": "KD (wrn_16_2)", "exp": "quickstart",
+              "overrides": ["experiment.kd_target=teacher", "experiment.kd_teacher_index=1"]}],
+}
+TRAINING_STEPS = ("finetune", "distill", "bench_teachers")
+
+
+def _bench(argv: list[str]) -> str:
+    from pipelines.benchmark import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    return out.getvalue()
+
+
+def _training_runs(work) -> dict[str, str]:
+    return {r.info.run_id: r.data.tags.get("step") for r in all_runs(work) if r.data.tags.get("step") in TRAINING_STEPS}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    work = tmp_path_factory.mktemp("benchmark")
+    spec = work / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(TINY), encoding="utf-8")
+    args = [f"name={spec}", "out=results"]
+    with pytest.MonkeyPatch.context() as mp:
+        use_isolated_store(mp, work)
+        partial = _bench([*args, "rows=CE-only", "seeds=0", "report=false"])   # stopped after one run
+        first = _bench(args)
+        after_first = _training_runs(work)
+        second = _bench(args)
+        yield {"work": work, "spec": spec, "partial": partial, "first": first, "second": second,
+               "after_first": after_first, "after_second": _training_runs(work)}
+
+
+def _distill_runs(work) -> list:
+    return [r for r in all_runs(work) if r.data.tags.get("step") == "distill" and r.info.status == "FINISHED"]
+
+
+def test_results_page_has_every_row_with_the_numbers_of_the_store(bench):
+    runs = _distill_runs(bench["work"])
+    assert len(runs) == 4 and all(r.data.tags["asib.benchmark"] == "tiny-digits" for r in runs)
+    table = pd.read_csv(bench["work"] / "results" / "tiny-digits.csv")
+    assert list(table["row"]) == ["CE-only", "KD (wrn_16_2)"]
+    page = (bench["work"] / "results" / "tiny-digits.md").read_text(encoding="utf-8")
+    for _, line in table.iterrows():
+        mine = [r for r in runs if r.data.tags["asib.bench_row"] == line["row"]]
+        assert line["n"] == 2 and line["seeds"] == "0,1"
+        for column, metric in (("val_acc", "val/best_acc"), ("test_acc", "test/acc"), ("test_acc_last", "test/acc_last")):
+            values = [100 * r.data.metrics[metric] for r in mine]
+            assert line[f"{column}_mean"] == pytest.approx(statistics.mean(values))
+            assert line[f"{column}_std"] == pytest.approx(statistics.stdev(values))
+        rate = statistics.mean(r.data.metrics["train/img_per_s_mean"] for r in mine)
+        assert line["img_per_s_mean"] == pytest.approx(rate)
+        assert f"| {line['row']} | quickstart | {'ce' if line['row'] == 'CE-only' else 'vanilla_kd'} | 2 | 0,1 | " in page
+    assert "torch " in page and "cores" in page and "python -m pipelines.benchmark name=" in page
+    assert re.search(r"commits of the runs:\n  - `[0-9a-f]{7,40}|unknown`", page)
+
+
+def test_teachers_table_comes_from_one_evaluation_run(bench):
+    client = MlflowClient()
+    evals = [r for r in all_runs(bench["work"]) if r.data.tags.get("step") == "bench_teachers"]
+    assert len(evals) == 1
+    m = evals[0].data.metrics
+    for split in ("val", "test"):
+        accs = [m[f"teacher/{t}/{split}_acc"] for t in ("resnet20", "wrn_16_2")]
+        assert m[f"oracle/{split}_acc"] >= max(accs) and 0 <= m[f"agreement/{split}"] <= 1
+        assert f"ensemble/{split}_acc" in m
+    # each teacher's validation accuracy is the one its fine-tune measured on the same split
+    for teacher in ("resnet20", "wrn_16_2"):
+        ft = client.get_run(evals[0].data.tags[f"teacher_run.{teacher}"])
+        assert m[f"teacher/{teacher}/val_acc"] == pytest.approx(ft.data.metrics["val/best_acc"])
+    # ensemble, oracle and agreement recomputed here from the two pinned checkpoints
+    for split in ("val", "test"):
+        probs, labels = _teacher_outputs(bench["work"], split)
+        preds = probs.argmax(2)
+        assert m[f"ensemble/{split}_acc"] == pytest.approx((probs.mean(0).argmax(1) == labels).mean())
+        assert m[f"oracle/{split}_acc"] == pytest.approx((preds == labels).any(0).mean())
+        assert m[f"agreement/{split}"] == pytest.approx((preds[0] == preds[1]).mean())
+    page = (bench["work"] / "results" / "tiny-digits.md").read_text(encoding="utf-8")
+    assert f"| `wrn_16_2` | {100 * m['teacher/wrn_16_2/val_acc']:.2f} | {100 * m['teacher/wrn_16_2/test_acc']:.2f} |" in page
+    assert f"| oracle (any teacher right) | {100 * m['oracle/val_acc']:.2f} |" in page
+
+
+def _teacher_outputs(work, split: str):
+    """Softmax outputs (teacher x image x class) of the pinned teachers on a split, and the labels."""
+    import numpy as np
+    import torch
+
+    from asib_core.config import resolve_experiment
+    from asib_core.data import build_data
+    from asib_core.models import create_model
+
+    cfg = resolve_experiment("quickstart", TINY["common"]).cfg
+    data = build_data(cfg, "cpu")
+    x, y = map(torch.cat, zip(*[(xb, yb) for xb, yb, _ in data.loader(split, batch_size=256)]))
+    probs = []
+    for name in ("resnet20", "wrn_16_2"):
+        payload = torch.load(work / "checkpoints" / "benchmark" / "tiny-digits" / f"{name}_digits.pth",
+                             map_location="cpu", weights_only=True)
+        model = create_model(name, num_classes=10, pretrained=False, small_input=True)
+        model.load_state_dict(payload["model"])
+        with torch.no_grad():
+            probs.append(torch.softmax(model.eval()(x)["logit"], 1).numpy())
+    return np.stack(probs), y.numpy()
+
+
+def test_progress_lines_and_an_interrupted_benchmark_continues(bench):
+    lines = [ln for ln in bench["first"].splitlines() if ln.startswith("[")]
+    assert [ln.split(" ")[0] for ln in lines] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+    assert all("elapsed" in ln for ln in lines) and "ETA" in lines[1]
+    assert "CE-only seed 0: reused" in lines[0]                 # made by the interrupted command
+    assert all("trained in" in ln for ln in lines[1:])
+    first_id = re.search(r"\(run (\w+)\)", bench["partial"]).group(1)
+    assert f"(run {first_id})" in lines[0]
+
+
+def test_rerun_reuses_every_run(bench):
+    assert bench["after_second"] == bench["after_first"]        # no new teacher, evaluation or student run
+    lines = [ln for ln in bench["second"].splitlines() if ln.startswith("[")]
+    assert len(lines) == 4 and all(": reused" in ln for ln in lines)
+    assert "0 runs trained, 4 reused" in bench["second"]
+
+
+def test_report_alone_writes_the_same_page(bench, tmp_path):
+    from pipelines.report import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        use_isolated_store(mp, bench["work"])
+        assert main([f"benchmark={bench['spec']}", f"out={tmp_path}"]) == 0
+    alone = pd.read_csv(tmp_path / "tiny-digits.csv")
+    pd.testing.assert_frame_equal(alone, pd.read_csv(bench["work"] / "results" / "tiny-digits.csv"))
+
+
+def test_unknown_row_is_refused_before_any_training(tmp_path):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(TINY), encoding="utf-8")
+    proc = run_module("pipelines.benchmark", [f"name={spec}", "rows=CE-only,Hinton"], tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "no row 'Hinton'" in proc.stderr and "1: KD (wrn_16_2)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not all_runs(tmp_path) and not (tmp_path / "checkpoints").exists()
+
+
+def test_every_benchmark_config_row_composes_in_a_dry_run(workdir, capsys):
+    """configs/benchmark/digits.yaml (CE, KD, avg-KD, an ASIB rung): every row composes; nothing runs."""
+    from pipelines.benchmark import main
+
+    assert main(["name=digits", "dry_run=true", "seeds=0"]) == 0
+    out = capsys.readouterr().out
+    assert "4 of 4 runs to train" in out and "L1 IB seed 0: to run" in out
+    assert not all_runs(workdir)
+
+
+def test_rows_by_name_or_index_and_an_unknown_benchmark(workdir, capsys):
+    """Row names may hold commas (the protocol's seed-recipe row); an unknown name lists the known ones."""
+    from asib_core.benchmark import load_benchmark, select_rows, select_seeds
+    from pipelines.benchmark import main
+
+    bench = load_benchmark("cifar10_lowdata")
+    chosen = select_rows(bench, "seed recipe (sota_generic, vanilla_kd),0,KD (wrn_16_2),0")
+    assert [r.name for r in chosen] == ["seed recipe (sota_generic, vanilla_kd)", "CE-only", "KD (wrn_16_2)"]
+    assert len(select_rows(bench, "")) == len(bench.rows) and select_seeds(bench, "") == [0, 1, 2]
+    with pytest.raises(SystemExit) as exc:
+        main(["name=cifar10_low", "dry_run=true"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "no benchmark named 'cifar10_low'" in err and "cifar10_lowdata" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["name=digits", "seeds=0,x"])
+    assert exc.value.code == 2 and "seeds='0,x'" in capsys.readouterr().err
+    assert not all_runs(workdir)
