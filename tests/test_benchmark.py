@@ -203,3 +203,24 @@ def test_rows_by_name_or_index_and_an_unknown_benchmark(workdir, capsys):
         main(["name=digits", "seeds=0,x"])
     assert exc.value.code == 2 and "seeds='0,x'" in capsys.readouterr().err
     assert not all_runs(workdir)
+
+
+def test_teacher_runs_pins_a_finetune_run_and_refuses_anything_else(bench, capsys):
+    """teacher_runs=NAME=RUN_ID uses that FINISHED fine-tune (e.g. one made by older code) instead
+    of an identity lookup; a run of another step or teacher, or an unknown teacher, is refused."""
+    from pipelines.benchmark import main
+
+    runs = all_runs(bench["work"])
+    finetunes = {r.data.tags["teacher"]: r.info.run_id for r in runs if r.data.tags.get("step") == "finetune"}
+    a_student = next(r.info.run_id for r in runs if r.data.tags.get("step") == "distill")
+    args = [f"name={bench['spec']}", "dry_run=true", "seeds=0"]
+    with pytest.MonkeyPatch.context() as mp:
+        use_isolated_store(mp, bench["work"])
+        assert main([*args, f"teacher_runs=resnet20={finetunes['resnet20']}"]) == 0
+        assert f"teacher resnet20: reuse finetune run {finetunes['resnet20']}" in capsys.readouterr().out
+        for bad, says in ((f"resnet20={finetunes['wrn_16_2']}", "teacher=wrn_16_2"),
+                          (f"resnet20={a_student}", "step=distill"),
+                          (f"resnet56={finetunes['resnet20']}", "does not use")):
+            with pytest.raises(SystemExit) as exc:
+                main([*args, f"teacher_runs={bad}"])
+            assert exc.value.code == 2 and says in capsys.readouterr().err

@@ -150,14 +150,15 @@ class Progress:
 
 
 def run_benchmark(name: str, rows: str = "", seeds: str = "", *, dry_run: bool = False, report: bool = True,
-                  out_dir: str = "docs/results", command: str = "", echo=print) -> BenchmarkResult:
+                  out_dir: str = "docs/results", command: str = "", teacher_runs: dict[str, str] | None = None,
+                  echo=print) -> BenchmarkResult:
     setup_logging()
     bench = load_benchmark(name)
     chosen, seed_list = select_rows(bench, rows), select_seeds(bench, seeds)
     configure_tracking()
     root = data_root(bench, extract=not dry_run)
     configs = check_rows(bench, chosen, root, seed_list[0])     # a bad row stops here: nothing trained
-    teachers = plan_teachers(bench, root)
+    teachers = plan_teachers(bench, root, teacher_runs)
     if dry_run:
         for teacher in teachers:
             if teacher.run_id is not None:

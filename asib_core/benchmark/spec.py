@@ -72,10 +72,22 @@ def benchmark_file(name: str) -> Path:
         "Pass name=NAME, e.g. name=cifar10_lowdata.")
 
 
+def flat_overrides(items) -> list[str]:
+    """A row's overrides as one flat list: a YAML alias of a shared list (``*ladder_budget``)
+    inside a row's list nests, so nested lists are spliced in place."""
+    out = []
+    for item in items or ():
+        out.extend(flat_overrides(item) if isinstance(item, list) else [str(item)])
+    return out
+
+
 def load_benchmark(name: str) -> Benchmark:
     path = benchmark_file(name)
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     where = f"benchmark file {path}"
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML ({' '.join(str(exc).split())}); fix the file.") from None
     rows_raw = raw.get("rows") or []
     if not isinstance(rows_raw, list) or not rows_raw:
         raise ConfigError(f"{where} has no rows: give `rows:` as a list of {{name, exp, overrides}}.")
@@ -83,7 +95,7 @@ def load_benchmark(name: str) -> Benchmark:
     for i, item in enumerate(rows_raw):
         if not isinstance(item, dict) or not item.get("name") or not item.get("exp"):
             raise ConfigError(f"{where}: row {i} ({item!r}) needs a `name` and an `exp`.")
-        rows.append(Row(i, str(item["name"]), str(item["exp"]), tuple(str(o) for o in item.get("overrides") or ())))
+        rows.append(Row(i, str(item["name"]), str(item["exp"]), tuple(flat_overrides(item.get("overrides")))))
     names = [r.name for r in rows]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:

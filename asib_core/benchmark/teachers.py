@@ -15,7 +15,7 @@ import mlflow
 import torch
 
 from asib_core.code_version import code_version
-from asib_core.config import identity_hash
+from asib_core.config import ConfigError, identity_hash
 from asib_core.config.lock import sha256_of
 from asib_core.data import build_data
 from asib_core.data.archive import unpacked_tarball
@@ -66,18 +66,43 @@ def data_root(bench: Benchmark, *, extract: bool = True) -> str | None:
     return str(base / str(bench.data.get("folder") or ""))
 
 
-def plan_teachers(bench: Benchmark, root: str | None) -> list[Teacher]:
-    """Each teacher's fine-tune overrides and identity, and its FINISHED run when the store has one."""
+def plan_teachers(bench: Benchmark, root: str | None, chosen: dict[str, str] | None = None) -> list[Teacher]:
+    """Each teacher's fine-tune overrides and identity, and its FINISHED run when the store has one.
+
+    ``chosen`` (teacher name -> finetune run id, the ``teacher_runs`` option) names the run to
+    use instead: a teacher trained by an earlier version of the code (whose identity differs)
+    is reused that way rather than trained again. The student runs' split check still applies."""
+    chosen = dict(chosen or {})
+    unknown = sorted(set(chosen) - {spec["teacher"] for spec in bench.teachers})
+    if unknown:
+        raise ConfigError(f"teacher_runs names {', '.join(unknown)}, which benchmark {bench.key} does not use; "
+                          f"its teachers are {', '.join(spec['teacher'] for spec in bench.teachers)}.")
     teachers = []
     for spec in bench.teachers:
         over = ([f"dataset.root={root}"] if root else []) + [str(o) for o in spec.get("overrides") or []]
         cfg = finetune_config(spec["teacher"], bench.dataset, over)
         teacher = Teacher(spec["teacher"], over, identity_hash(cfg))
-        found = reusable_run("finetune", teacher.identity)
-        if found is not None:
+        if teacher.name in chosen:
+            teacher.run_id, teacher.reused = chosen_run(teacher.name, chosen[teacher.name]), True
+        elif (found := reusable_run("finetune", teacher.identity)) is not None:
             teacher.run_id, teacher.reused = found.info.run_id, True
         teachers.append(teacher)
     return teachers
+
+
+def chosen_run(teacher: str, run_id: str) -> str:
+    """``run_id`` if it is a FINISHED fine-tune of ``teacher`` in the store, else a clear error."""
+    try:
+        run = mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        run = None
+    tags = run.data.tags if run is not None else {}
+    if run is None or tags.get("step") != "finetune" or run.info.status != "FINISHED" or tags.get("teacher") != teacher:
+        state = ("no such run in the store" if run is None else
+                 f"step={tags.get('step')}, teacher={tags.get('teacher')}, status={run.info.status}")
+        raise ConfigError(f"teacher_runs: {teacher}={run_id} is not a FINISHED fine-tune of {teacher} ({state}); "
+                          "give the run id of such a run (mlflow ui, or search_runs with tags.step = 'finetune').")
+    return run_id
 
 
 def train_teachers(bench: Benchmark, teachers: list[Teacher], parent_run_id: str | None, echo) -> None:
