@@ -10,8 +10,10 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
+# the quickstart's own student recipe (10 images per class, batch 16, 60 epochs) is for showing KD;
+# the tests keep a few large batches per epoch
 TINY_DISTILL = ["experiment.student_epochs_per_stage=[2]", "experiment.dataset.train_per_class=20",
-                "experiment.eval_batch_size=256"]
+                "experiment.dataset.batch_size=64", "experiment.eval_batch_size=256"]
 TINY_FINETUNE = ["finetune_epochs=2", "dataset.train_per_class=20"]
 
 

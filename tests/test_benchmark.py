@@ -29,7 +29,7 @@ TINY = {
     "seeds": [0, 1],
     "common": ["dataset=digits", "teacher1=resnet20", "teacher2=wrn_16_2", "student=resnet8",
                "experiment.student_epochs_per_stage=[1]", "experiment.dataset.train_per_class=20",
-               "experiment.eval_batch_size=256", "experiment.log_model=false",
+               "experiment.dataset.batch_size=64", "experiment.eval_batch_size=256", "experiment.log_model=false",
                "experiment.compute_teacher_eval=false"],
     "rows": [{"name": "CE-only", "exp": "quickstart", "overrides": ["method=ce"]},
              {"name": "KD (wrn_16_2)", "exp": "quickstart",

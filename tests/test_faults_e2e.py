@@ -82,7 +82,8 @@ def test_a_run_killed_across_its_whole_life_ends_as_one_run_with_the_uninterrupt
 def test_main_killed_as_a_whole_is_completed_by_the_next_main(tmp_path):
     # batch 64 and 100 training images: one batch per epoch; the kill comes in the second epoch
     args = ["exp=quickstart", "method=ce", "baseline=none", "experiment.student_epochs_per_stage=[2]",
-            "experiment.dataset.train_per_class=10", "experiment.eval_batch_size=256"]
+            "experiment.dataset.train_per_class=10", "experiment.dataset.batch_size=64",
+            "experiment.eval_batch_size=256"]
     killed = run_step("pipelines.main", args, tmp_path, fault="epoch.batch#2", group=True)
     assert killed.returncode == SIGKILLED, killed.stderr[-3000:]
     again = run_step("pipelines.main", args, tmp_path)

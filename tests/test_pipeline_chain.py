@@ -54,7 +54,7 @@ def test_sigkill_then_resume_gives_the_same_result(tmp_path):
     per epoch; the 5th is the one after epoch 2 (the killed run's logged epochs confirm it)."""
     files = teacher_files(tmp_path / "teachers")
     args = ["exp=quickstart", "experiment.student_epochs_per_stage=[3]", "experiment.dataset.train_per_class=20",
-            f"experiment.teacher1_ckpt={files[0]}", f"experiment.teacher2_ckpt={files[1]}"]
+            "experiment.dataset.batch_size=64", f"experiment.teacher1_ckpt={files[0]}", f"experiment.teacher2_ckpt={files[1]}"]
     # the uninterrupted reference, in its own checkpoint dir
     ref = run_module("pipelines.distill", [*args, "experiment.checkpoint_dir=ref_ckpt"], tmp_path)
     assert ref.returncode == 0, ref.stderr[-3000:]

@@ -17,7 +17,7 @@ from tests.pipeline_helpers import env_for, use_isolated_store
 
 TINY_FT = ["finetune_epochs=1", "dataset.train_per_class=10"]
 TINY = ["experiment.student_epochs_per_stage=[1]", "experiment.dataset.train_per_class=10",
-        "experiment.eval_batch_size=256"]
+        "experiment.dataset.batch_size=64", "experiment.eval_batch_size=256"]
 SIMKD_NAME = "digits-quickstart-simkd-resnet8"
 
 
