@@ -224,3 +224,30 @@ def test_teacher_runs_pins_a_finetune_run_and_refuses_anything_else(bench, capsy
             with pytest.raises(SystemExit) as exc:
                 main([*args, f"teacher_runs={bad}"])
             assert exc.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_a_benchmark_extends_another_and_takes_rows_by_name(tmp_path):
+    """`extends`: fields replace the parent's, common_extra is appended, a row named by a string
+    is the parent's row; an unknown name, a loop and broken YAML are one-paragraph errors."""
+    from asib_core.benchmark import load_benchmark
+    from asib_core.config import ConfigError
+
+    parent = tmp_path / "parent.yaml"
+    parent.write_text(yaml.safe_dump(TINY), encoding="utf-8")
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({"extends": str(parent), "name": "slice", "common_extra": ["teacher2=resnet20"],
+                                     "rows": ["KD (wrn_16_2)", {"name": "own", "exp": "L1_ib"}]}), encoding="utf-8")
+    bench = load_benchmark(str(child))
+    assert bench.name == "slice" and bench.seeds == [0, 1] and bench.teachers == TINY["teachers"]
+    assert bench.common == [*TINY["common"], "teacher2=resnet20"]
+    kd = TINY["rows"][1]
+    assert [(r.name, r.exp, list(r.overrides)) for r in bench.rows] == [(kd["name"], kd["exp"], kd["overrides"]),
+                                                                        ("own", "L1_ib", [])]
+    for text, says in (({"extends": str(parent), "rows": ["Hinton"]}, "'Hinton' is not a row of"),
+                       ({"extends": str(child), "rows": ["own"]}, None)):
+        child.write_text(yaml.safe_dump(text), encoding="utf-8")
+        with pytest.raises(ConfigError, match=says or "loops back"):
+            load_benchmark(str(child))
+    child.write_text("rows: [a, [b\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_benchmark(str(child))

@@ -273,3 +273,21 @@ def _show_metric_row(driver, name: str) -> bool:
             .filter(c => c.style.top === cell.style.top && c.style.left !== "");
         return shown.length > 0 && shown.every(c => Math.abs(c.getBoundingClientRect().top - y) < 8);
     """, name)
+
+
+def test_registered_model_page_lists_the_students_versions(server, tiny_store, browser, shots):
+    """Issue 15: every distill run registers its student; the registry page of that name lists one
+    version per run, each linked to the run that made it."""
+    from mlflow.tracking import MlflowClient
+
+    runs = tiny_store["runs"]
+    name = runs[0].data.tags["asib.registered_model"].split("/")[1]   # models:/<name>/<version>
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", tiny_store["uri"])
+        versions = MlflowClient().search_model_versions(f"name = '{name}'")
+    assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs)
+    browser.get(f"{server}/#/models/{urllib.parse.quote(name)}")
+    _wait(browser, lambda d: name in _body(d) and all(f"Version {v.version}" in _body(d) for v in versions),
+          "the registered model with both versions")
+    _close_assistant(browser)
+    _screenshot(browser, shots / "registered_model_page.png")

@@ -5,6 +5,10 @@ Fields: ``name`` (the tag value ``asib.benchmark`` and the results page's file n
 ``data`` (``dataset``; for image folders ``tarball`` and ``folder``), ``teachers`` (``teacher`` +
 fine-tune ``overrides``), ``seeds``, ``common`` (overrides of every student row) and ``rows``
 (``name``, ``exp``, ``overrides``).
+
+``extends: KEY`` starts from another benchmark file: every field given here replaces the
+parent's, ``common_extra`` is appended to the parent's ``common``, and a row given as a plain
+string is the parent's row of that name (so a slice of a protocol cannot drift from it).
 """
 from __future__ import annotations
 
@@ -81,13 +85,35 @@ def flat_overrides(items) -> list[str]:
     return out
 
 
-def load_benchmark(name: str) -> Benchmark:
-    path = benchmark_file(name)
-    where = f"benchmark file {path}"
+def read_spec(path: Path, where: str, seen: tuple[Path, ...] = ()) -> dict:
+    """The file's fields, with ``extends`` resolved (see the module docstring)."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where} is not valid YAML ({' '.join(str(exc).split())}); fix the file.") from None
+    if not raw.get("extends"):
+        return raw
+    parent_path = benchmark_file(str(raw["extends"]))
+    if parent_path in (path, *seen):
+        raise ConfigError(f"{where}: `extends: {raw['extends']}` loops back to itself.")
+    parent = read_spec(parent_path, f"benchmark file {parent_path}", (path, *seen))
+    merged = {**parent, **{k: v for k, v in raw.items() if k not in ("extends", "common_extra")}}
+    merged["common"] = [*(parent.get("common") or []), *(raw.get("common_extra") or [])]
+    by_name = {str(r.get("name")): r for r in parent.get("rows") or [] if isinstance(r, dict)}
+    rows = []
+    for item in merged.get("rows") or []:
+        if isinstance(item, str) and item not in by_name:
+            raise ConfigError(f"{where}: row {item!r} is not a row of {raw['extends']} "
+                              f"(its rows: {', '.join(by_name)}).")
+        rows.append(by_name[item] if isinstance(item, str) else item)
+    merged["rows"] = rows
+    return merged
+
+
+def load_benchmark(name: str) -> Benchmark:
+    path = benchmark_file(name)
+    where = f"benchmark file {path}"
+    raw = read_spec(path, where)
     rows_raw = raw.get("rows") or []
     if not isinstance(rows_raw, list) or not rows_raw:
         raise ConfigError(f"{where} has no rows: give `rows:` as a list of {{name, exp, overrides}}.")
