@@ -121,7 +121,7 @@ class TrainingRun:
         #: called after every student epoch with (student_epoch, metrics); may raise to stop
         #: the run (an Optuna pruner raises TrialPruned here)
         self.on_epoch_end: Callable[[int, dict], None] | None = None
-        channels_last = bool(cfg.get("use_channels_last")) and device.type == "cuda"
+        channels_last = bool(cfg.get("use_channels_last"))
         self.channels_last = channels_last
         bs = int(cfg["dataset"]["batch_size"]) // self.dist.world_size
         self.train_loader = data.loader("train", batch_size=bs, rank=self.dist.rank,

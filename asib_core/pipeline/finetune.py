@@ -172,7 +172,7 @@ def run_finetune(teacher: str, dataset: str, overrides: list[str], *, parent_run
                      tags={**tags, STATE_TAG: folder.key}, resume_run_id=resume_id,
                      nested=parent_run_id is not None, parent_run_id=parent_run_id) as run:
         log_run_inputs(run.run_id, cfg, data)
-        model = to_device(build_teacher(cfg, data.num_classes), device, False)
+        model = to_device(build_teacher(cfg, data.num_classes), device, bool(cfg.get("use_channels_last")))
         distiller = CEOnly(model, [], {"ce_label_smoothing": float(cfg.get("label_smoothing") or 0.0)}).to(device)
         precision = Precision(device, bool(cfg.get("use_amp")), "bfloat16")
         optimizer = finetune_optimizer(cfg, distiller.student_parameters())
