@@ -153,7 +153,7 @@ def protocol_overrides(root: Path, per_class: int, epochs: int) -> list[str]:
             "experiment.optimizer=sgd", f"experiment.student_lr={LR}", f"experiment.student_weight_decay={WD}",
             "experiment.schedule.type=cosine", "experiment.schedule.lr_warmup_epochs=1",
             "experiment.schedule.min_lr=0.0", "experiment.grad_clip_norm=0.0", f"experiment.eval_batch_size={BATCH}",
-            "experiment.device=cpu", "experiment.use_amp=false",
+            "experiment.device=cpu", "experiment.use_amp=false", "experiment.use_channels_last=true",
             # the KD (resnet20) row: Hinton KD at the paper's recipe
             "method=vanilla_kd", "experiment.ce_alpha=0.1", f"experiment.kd_alpha={KD_ALPHA}", f"experiment.tau={TAU}",
             "experiment.tau_schedule=null", "experiment.tau_start=null", "experiment.tau_end=null",
