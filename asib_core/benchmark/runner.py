@@ -76,6 +76,13 @@ def row_overrides(bench: Benchmark, row: Row, root: str | None, seed: int) -> li
     return [*bench.common, *data, *row.overrides, f"experiment.seed={seed}"]
 
 
+def teacher_roles(cfg: dict) -> list[tuple[str, str]]:
+    """(role, teacher name) of each teacher the row's method distils from (none for CE-only)."""
+    if not get_method(cfg["method_name"]).needs_teachers:
+        return []
+    return [(r, cfg[r]["name"]) for r in ROLES if (cfg.get(r) or {}).get("name")]
+
+
 def check_rows(bench: Benchmark, rows: list[Row], root: str | None, seed: int) -> dict[str, dict]:
     """Compose every row once (any error names the row) and check its teachers are the
     benchmark's; returns ``{row name: config}``."""
@@ -87,13 +94,11 @@ def check_rows(bench: Benchmark, rows: list[Row], root: str | None, seed: int) -
         except ConfigError as exc:
             raise ConfigError(f"benchmark {bench.key}, row {row.name!r} (exp {row.exp}, overrides "
                               f"{' '.join(row.overrides) or '(none)'}): {exc}") from None
-        if get_method(cfg["method_name"]).needs_teachers:
-            used = [cfg[r]["name"] for r in ROLES if (cfg.get(r) or {}).get("name")]
-            foreign = [u for u in used if u not in names]
-            if foreign:
-                raise ConfigError(f"benchmark {bench.key}, row {row.name!r} distils from {', '.join(foreign)}, "
-                                  f"which the benchmark does not train (its teachers: {', '.join(names)}); "
-                                  "add it to `teachers:` or change the row.")
+        foreign = [name for _, name in teacher_roles(cfg) if name not in names]
+        if foreign:
+            raise ConfigError(f"benchmark {bench.key}, row {row.name!r} distils from {', '.join(foreign)}, "
+                              f"which the benchmark does not train (its teachers: {', '.join(names)}); "
+                              "add it to `teachers:` or change the row.")
         configs[row.name] = cfg
     return configs
 
@@ -104,8 +109,7 @@ def plan_runs(bench, rows, seeds, root, configs, teachers: list[Teacher]) -> lis
     by_name = {t.name: t for t in teachers}
     plan = []
     for row in rows:
-        needs = get_method(configs[row.name]["method_name"]).needs_teachers
-        roles = [(r, configs[row.name][r]["name"]) for r in ROLES if needs and (configs[row.name].get(r) or {}).get("name")]
+        roles = teacher_roles(configs[row.name])
         for seed in seeds:
             over = row_overrides(bench, row, root, seed)
             ready = all(by_name[name].path is not None for _, name in roles)

@@ -51,9 +51,6 @@ class Benchmark:
     def dataset(self) -> str:
         return str(self.data.get("dataset") or "digits")
 
-    def row(self, name: str) -> Row:
-        return next(r for r in self.rows if r.name == name)
-
 
 def list_benchmarks() -> list[str]:
     return sorted(p.stem for p in BENCHMARK_DIR.glob("*.yaml"))
@@ -68,7 +65,7 @@ def benchmark_file(name: str) -> Path:
         return path
     for stem in list_benchmarks():
         candidate = BENCHMARK_DIR / f"{stem}.yaml"
-        if (yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}).get("name") == name:
+        if load_yaml(candidate, f"benchmark file {candidate}").get("name") == name:
             return candidate
     raise ConfigError(
         f"no benchmark named {name!r}: known benchmarks (configs/benchmark/) are "
@@ -85,12 +82,16 @@ def flat_overrides(items) -> list[str]:
     return out
 
 
-def read_spec(path: Path, where: str, seen: tuple[Path, ...] = ()) -> dict:
-    """The file's fields, with ``extends`` resolved (see the module docstring)."""
+def load_yaml(path: Path, where: str) -> dict:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where} is not valid YAML ({' '.join(str(exc).split())}); fix the file.") from None
+
+
+def read_spec(path: Path, where: str, seen: tuple[Path, ...] = ()) -> dict:
+    """The file's fields, with ``extends`` resolved (see the module docstring)."""
+    raw = load_yaml(path, where)
     if not raw.get("extends"):
         return raw
     parent_path = benchmark_file(str(raw["extends"]))
