@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# One intra-op thread per process: the suite runs one xdist worker per core (pyproject.toml), and
+# torch's default of one thread per core in every worker and subprocess only oversubscribes the CPU.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-from asib_core.tracking.environ import set_environ
+import pytest  # noqa: E402
+
+from asib_core.tracking.environ import set_environ  # noqa: E402
 
 os.environ.setdefault("ASIB_NO_PROGRESS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

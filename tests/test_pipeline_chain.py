@@ -1,12 +1,12 @@
 """Issue 4: `main` chains finetune -> distill -> evaluate as nested runs and reuses them;
-resume after SIGKILL; failure paths through the real entry points."""
+failure paths through the real entry points. Resume after SIGKILL, kill by kill across a run's
+whole life, is in tests/test_faults_e2e.py."""
 from __future__ import annotations
 
 import subprocess
 
 import pytest
 
-from fault_helpers import SIGKILLED, final_metrics, metric_histories, run_step, teacher_files
 from pipeline_helpers import (ROOT, TINY_DISTILL, TINY_FINETUNE, all_runs, env_for, run_module,
                               runs_by_step)
 
@@ -44,42 +44,6 @@ def test_main_chains_nested_steps_and_reuses_them(tmp_path):
     assert all(parents[0].data.tags.get(f"asib.step.{k}") in by_id for k in six)
     assert {k: new_parent.data.tags[f"asib.step.{k}"] for k in six} == \
         {k: parents[0].data.tags[f"asib.step.{k}"] for k in six}
-
-
-def test_sigkill_then_resume_gives_the_same_result(tmp_path):
-    """Killed (SIGKILL at a deterministic point: right after the checkpoint of epoch 2) then run
-    again: the same run is resumed and ends with every curve point of the uninterrupted run.
-
-    Checkpoints of a run: the initial state, after the pre-training, at the stage start, then one
-    per epoch; the 5th is the one after epoch 2 (the killed run's logged epochs confirm it)."""
-    files = teacher_files(tmp_path / "teachers")
-    args = ["exp=quickstart", "experiment.student_epochs_per_stage=[3]", "experiment.dataset.train_per_class=20",
-            "experiment.dataset.batch_size=64", f"experiment.teacher1_ckpt={files[0]}", f"experiment.teacher2_ckpt={files[1]}"]
-    # the uninterrupted reference, in its own checkpoint dir
-    ref = run_module("pipelines.distill", [*args, "experiment.checkpoint_dir=ref_ckpt"], tmp_path)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    killed = run_step("pipelines.distill", args, tmp_path, fault="checkpoint.saved#5")
-    assert killed.returncode == SIGKILLED, killed.stderr[-3000:]
-    running = [r for r in runs_by_step(tmp_path, "distill") if r.info.status == "RUNNING"]
-    assert len(running) == 1
-    assert sorted({m.step for m in metric_history(tmp_path, running[0].info.run_id, "val/acc")}) == [0, 1]
-    again = run_module("pipelines.distill", args, tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed from" in again.stderr
-    distills = {r.info.run_id: r for r in runs_by_step(tmp_path, "distill")}
-    assert len(distills) == 2  # the reference and the resumed one: no third run
-    resumed = distills[running[0].info.run_id]
-    reference = next(r for rid, r in distills.items() if rid != resumed.info.run_id)
-    assert resumed.info.status == "FINISHED"
-    assert final_metrics(resumed) == final_metrics(reference)
-    assert metric_histories(resumed.info.run_id, tmp_path) == metric_histories(reference.info.run_id, tmp_path)
-    assert sorted({m.step for m in metric_history(tmp_path, resumed.info.run_id, "val/acc")}) == [0, 1, 2]
-
-
-def metric_history(workdir, run_id: str, key: str):
-    from mlflow.tracking import MlflowClient
-    all_runs(workdir)  # points the client at the workdir's store
-    return MlflowClient().get_metric_history(run_id, key)
 
 
 def test_distill_without_cifar100_fails_with_the_path_and_ends_its_run_failed(tmp_path):

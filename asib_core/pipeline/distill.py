@@ -36,6 +36,7 @@ from .inputs import log_run_inputs
 from .results import apply_log_level, write_results
 from .models import build_student, load_teacher, read_teacher_checkpoint, to_device
 from .student_model import log_student_model
+from .teacher_report import log_teacher_report
 from .teacher_splits import check_teacher_splits
 from .teachers import resolve_teachers
 
@@ -68,37 +69,6 @@ def run_identity(cfg: dict, teacher_files: list[Path]) -> str:
 def run_name(cfg: dict) -> str:
     teachers = "+".join(teacher_names(cfg)) if get_method(cfg["method_name"]).needs_teachers else "CE"
     return f"{cfg['exp_id']} {cfg['method_name']} {cfg['model']['student']['name']} <- {teachers}"
-
-
-def teacher_report(teachers, names, data, precision, cfg) -> dict:
-    """``compute_teacher_eval``: validation and test accuracy of each teacher and how often the
-    two disagree on the validation split (nothing when the key is false)."""
-    if not teachers or not cfg.get("compute_teacher_eval"):
-        return {}
-    batch = int(cfg.get("eval_batch_size") or 512)
-    loader = data.loader("val", batch_size=batch)
-    metrics = {}
-    preds = []
-    for i, teacher in enumerate(teachers, start=1):
-        for split in ("val", "test"):
-            metrics[f"teacher{i}/{split}_acc"] = evaluate(lambda x, t=teacher: t(x)["logit"],
-                                                          data.loader(split, batch_size=batch), precision)["acc"]
-    if len(teachers) == 2:
-        limit_b = int(cfg.get("disagreement_max_batches") or 0)
-        limit_n = int(cfg.get("disagreement_max_samples") or 0)
-        disagree = joint_error = seen = 0
-        with torch.no_grad():
-            for b, (x, y, _) in enumerate(loader):
-                if (limit_b and b >= limit_b) or (limit_n and seen >= limit_n):
-                    break
-                p = [t(x)["logit"].argmax(1) for t in teachers]
-                disagree += int((p[0] != p[1]).sum())
-                joint_error += int(((p[0] != y) & (p[1] != y)).sum())
-                seen += int(y.shape[0])
-        metrics["teachers/disagreement"] = disagree / max(seen, 1)
-        metrics["teachers/joint_error"] = joint_error / max(seen, 1)
-    del preds, names
-    return metrics
 
 
 def deploy_payload(distiller, cfg: dict, data, sha: str) -> dict:
@@ -172,7 +142,7 @@ def _fit(cfg, lock, sources, data, device, state_dir, dist: DistContext, run, ho
     distiller = build_distiller(cfg, student, teachers).to(device)
     if run is not None:
         log_run_inputs(run.run_id, cfg, data)
-        run.log_metrics(teacher_report(teachers, teacher_names(cfg), data, precision, cfg), step=0)
+        log_teacher_report(run, teachers, [s.path for s in sources], data, precision, cfg)
     optimizer = student_optimizer(cfg, distiller.student_parameters(), distiller.auxiliary_parameters())
     spec = fit_spec(cfg)
     scheduler = build_epoch_scheduler(optimizer, cfg.get("schedule") or {}, spec.total_epochs)
