@@ -3,7 +3,7 @@ of a sweep without pruning, and of the same sweep under each pruner.
 
     python benchmarks/bench_pruning.py --teacher1 T1.pt [--teacher2 T2.pt] [--data "OVERRIDES"]
         [--work DIR] [--n-trials 8] [--epochs 30] [--space kd_tau] [--sampler-seed 0]
-        [--pruners successive_halving hyperband median] [--verify successive_halving]
+        [--pruners successive_halving hyperband median] [--grid] [--verify successive_halving]
     python benchmarks/bench_pruning.py --setting digits [...]     # a small proxy, no CIFAR teachers
 
 ``--setting digits`` is the same measurement on the embedded digits (experiment quickstart:
@@ -23,11 +23,13 @@ deterministic (fixed seed, ``deterministic: true``), so a pruned sweep of the sa
 very curves the unpruned one recorded up to where it stops: each pruner is replayed on the recorded
 validation curves (a real Optuna study with that pruner, the same study name, so Hyperband puts
 each trial in the same bracket). (3) ``--verify P`` runs the pruned sweep with pruner P for real
-and checks its epochs and best value against the replay.
+and checks its epochs and best value against the replay. ``--grid`` also replays each pruner over a
+grid of its settings (which ones would have kept the best trial, at what saving).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shlex
 import sys
@@ -101,12 +103,15 @@ def summary(trials) -> tuple[int, float, int, int]:
 
 def replay(name: str, pruner: str, curves: list, space, total_epochs: int):
     """The pruned sweep of the same trials, decided by a real Optuna pruner on the recorded curves."""
-    import optuna
-
     from asib_core.sweep.study import build_pruner
 
-    study = optuna.create_study(study_name=name, direction="maximize",
-                                pruner=build_pruner(pruner, space, total_epochs))
+    return replay_with(build_pruner(pruner, space, total_epochs), curves, name)
+
+
+def replay_with(pruner, curves: list, name: str | None = None):
+    import optuna
+
+    study = optuna.create_study(study_name=name, direction="maximize", pruner=pruner)
     for curve, value in curves:          # pruners decide on the reported values alone
         trial = study.ask()
         pruned = False
@@ -120,6 +125,29 @@ def replay(name: str, pruner: str, curves: list, space, total_epochs: int):
         else:
             study.tell(trial, value)
     return study.get_trials()
+
+
+def grid(curves: list, total_epochs: int, tag: str) -> list[tuple]:
+    """``--grid``: the settings a pruner is tuned by, replayed on the same curves - successive
+    halving and Hyperband over min_resource x reduction_factor, median and 75th-percentile over
+    n_startup_trials x n_warmup_steps. Labels in the format of configs/sweep/*.yaml. Each replay
+    has the study name a real pruned sweep would have (Hyperband draws a trial's bracket from it)."""
+    import optuna
+
+    pruners = optuna.pruners
+    rows = []
+    for m, r in itertools.product((1, 3, 5, 10, 15), (2, 3, 4)):
+        rows.append((f"successive_halving {{min_resource: {m}, reduction_factor: {r}}}",
+                     pruners.SuccessiveHalvingPruner(min_resource=m, reduction_factor=r)))
+        rows.append((f"hyperband {{min_resource: {m}, reduction_factor: {r}}}",
+                     pruners.HyperbandPruner(min_resource=m, max_resource=total_epochs, reduction_factor=r)))
+    for n, w in itertools.product((2, 3, 4), (5, 10, 15)):
+        rows.append((f"median {{n_startup_trials: {n}, n_warmup_steps: {w}}}",
+                     pruners.MedianPruner(n_startup_trials=n, n_warmup_steps=w)))
+        rows.append((f"percentile {{percentile: 75, n_startup_trials: {n}, n_warmup_steps: {w}}}",
+                     pruners.PercentilePruner(75, n_startup_trials=n, n_warmup_steps=w)))
+    return [(label, *summary(replay_with(pruner, curves, f"prune-{label.split()[0]}-{tag}")), "-")
+            for label, pruner in rows]
 
 
 def main() -> None:
@@ -136,6 +164,7 @@ def main() -> None:
     parser.add_argument("--space", default="kd_tau")
     parser.add_argument("--sampler-seed", type=int, default=0)
     parser.add_argument("--pruners", nargs="*", default=["successive_halving", "hyperband", "median"])
+    parser.add_argument("--grid", action="store_true", help="also replay a grid of each pruner's settings")
     parser.add_argument("--verify", default=None, help="also run the sweep with this pruner for real ('auto': the replayed pruner "
                         "with the fewest epochs at the unpruned best value)")
     args = parser.parse_args()
@@ -174,6 +203,8 @@ def main() -> None:
     if args.verify == "auto":   # the replayed pruner that saves most while keeping the best value
         kept = [r for r in rows[1:] if r[2] == base[1]]
         args.verify = min(kept, key=lambda r: r[1])[0].split()[0] if kept else None
+    if args.grid:
+        rows.extend((f"{label} (replay)", *rest) for label, *rest in grid(curves, total, tag))
     if args.verify:
         name = f"prune-{args.verify}-{tag}"
         if len(load_or_none(name)) < args.n_trials:
