@@ -78,12 +78,22 @@ class _LinearTeacher(torch.nn.Module):
         return {"logit": x.flatten(1) @ self.weight.T}
 
 
-def test_teacher_report_matches_an_independent_count_with_the_disagreement_limits():
+def _report_setup(tmp_path):
     cfg = asib_cfg("L0_baseline", ["experiment.dataset.train_per_class=2"])
     data = tiny_data(cfg, per_class=2)
     x_val, y_val, _ = next(iter(data.loader("val", batch_size=10**6)))
     means = torch.stack([x_val[y_val == c].flatten(1).mean(0) for c in range(10)])
     teachers = [_LinearTeacher(means, 1), _LinearTeacher(means, 2)]
+    files = []
+    for i, t in enumerate(teachers):
+        files.append(tmp_path / f"t{i}.pt")
+        torch.save(t.weight, files[-1])
+    return cfg, data, teachers, files
+
+
+def test_teacher_report_matches_an_independent_count_with_the_disagreement_limits(tmp_path):
+    cfg, data, teachers, _ = _report_setup(tmp_path)
+    x_val, y_val, _ = next(iter(data.loader("val", batch_size=10**6)))
     x_test, y_test, _ = next(iter(data.loader("test", batch_size=10**6)))
     with torch.no_grad():
         val = [t(x_val)["logit"].argmax(1) for t in teachers]
@@ -100,19 +110,6 @@ def test_teacher_report_matches_an_independent_count_with_the_disagreement_limit
         expected[f"teacher{i + 1}/test_acc"] = (test[i] == y_test).float().mean().item()
     assert len(y_val) > 48 and 0 < expected["teachers/disagreement"] < 1 and 0 < expected["teacher1/val_acc"] < 1
     assert got == pytest.approx(expected, abs=1e-6)
-
-
-def _report_setup(tmp_path):
-    cfg = asib_cfg("L0_baseline", ["experiment.dataset.train_per_class=2"])
-    data = tiny_data(cfg, per_class=2)
-    x_val, y_val, _ = next(iter(data.loader("val", batch_size=10**6)))
-    means = torch.stack([x_val[y_val == c].flatten(1).mean(0) for c in range(10)])
-    teachers = [_LinearTeacher(means, 1), _LinearTeacher(means, 2)]
-    files = []
-    for i, t in enumerate(teachers):
-        files.append(tmp_path / f"t{i}.pt")
-        torch.save(t.weight, files[-1])
-    return cfg, data, teachers, files
 
 
 def _logged_report(run_id: str) -> tuple[dict, dict]:
