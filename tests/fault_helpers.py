@@ -175,7 +175,8 @@ def teacher_files(folder: Path) -> list[Path]:
 def asib_digits_args(teachers: list[Path]) -> list[str]:
     """ASIB (IB + A-step) on digits, resnet20 + wrn_16_2 -> resnet8, one stage, on the CPU, tiny.
     No teacher report: it is the same at every restart and tests/test_run_keys.py checks it."""
-    return ["exp=L1_ib", "experiment.compute_teacher_eval=false", "dataset=digits", f"teacher1={TEACHERS[0]}", f"teacher2={TEACHERS[1]}", "student=resnet8",
+    return ["exp=L1_ib", "experiment.compute_teacher_eval=false", "dataset=digits", f"teacher1={TEACHERS[0]}",
+            f"teacher2={TEACHERS[1]}", "student=resnet8",
             "experiment.distill_out_dim=32", "experiment.device=cpu", "experiment.use_amp=false",
             f"experiment.dataset.batch_size={BATCH}", "experiment.num_stages=1",
             f"experiment.student_epochs_per_stage=[{STUDENT_EPOCHS}]",

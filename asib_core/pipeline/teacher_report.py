@@ -6,8 +6,8 @@ They depend only on the teachers' files, the two splits and the evaluation setti
 computed once per MLflow experiment: the run tags the key of what it evaluated
 (``asib.teacher_eval``); a later run with the same key copies the numbers of the first run that
 has them and names it (``asib.teacher_eval_from``), and a resumed run that logged them before its
-kill logs nothing again. On the benchmark protocol that spares every row an evaluation of both
-teachers on 15,000 images.
+kill logs nothing again. On the benchmark protocol that spares every row but the first an
+evaluation of each teacher on 15,000 images.
 """
 from __future__ import annotations
 
@@ -81,12 +81,12 @@ def teacher_report(teachers, data, precision, cfg) -> dict:
     batch = int(cfg.get("eval_batch_size") or 512)
     metrics, val_preds = {}, []
     for i, teacher in enumerate(teachers, start=1):
-        logits, labels = collect_logits(lambda x, t=teacher: t(x)["logit"], data.loader("val", batch_size=batch),
-                                        precision)
+        def logits_of(x, t=teacher):
+            return t(x)["logit"]
+        logits, labels = collect_logits(logits_of, data.loader("val", batch_size=batch), precision)
         val_preds.append(logits.argmax(1))
         metrics[f"teacher{i}/val_acc"] = float((val_preds[-1] == labels).float().mean())
-        metrics[f"teacher{i}/test_acc"] = evaluate(lambda x, t=teacher: t(x)["logit"],
-                                                   data.loader("test", batch_size=batch), precision)["acc"]
+        metrics[f"teacher{i}/test_acc"] = evaluate(logits_of, data.loader("test", batch_size=batch), precision)["acc"]
     if len(teachers) == 2:
         n = disagreement_samples(len(labels), batch, cfg)
         p1, p2, y = val_preds[0][:n], val_preds[1][:n], labels[:n]
