@@ -33,7 +33,13 @@ TINY = {
                "experiment.compute_teacher_eval=false"],
     "rows": [{"name": "CE-only", "exp": "quickstart", "overrides": ["method=ce"]},
              {"name": "KD (wrn_16_2)", "exp": "quickstart",
-              "overrides": ["experiment.kd_target=teacher", "experiment.kd_teacher_index=1"]}],
+              "overrides": ["experiment.kd_target=teacher", "experiment.kd_teacher_index=1"]},
+             {"name": "L1 IB", "exp": "L1_ib",          # two stages of one A-step and one B-step epoch
+              "overrides": ["experiment.num_stages=2", "experiment.student_epochs_per_stage=[1,1]",
+                            "experiment.teacher_adapt_epochs=1", "experiment.ib_epochs_per_stage=1",
+                            "experiment.synergy_only_epochs=1", "experiment.kd_warmup_epochs=1",
+                            "experiment.teacher_adapt_kd_warmup=1", "experiment.schedule.lr_warmup_epochs=1",
+                            "experiment.loss_clamp_warmup_epochs=1", "experiment.dataset.num_workers=0"]}],
 }
 TRAINING_STEPS = ("finetune", "distill", "bench_teachers")
 
@@ -73,9 +79,9 @@ def _distill_runs(work) -> list:
 
 def test_results_page_has_every_row_with_the_numbers_of_the_store(bench):
     runs = _distill_runs(bench["work"])
-    assert len(runs) == 4 and all(r.data.tags["asib.benchmark"] == "tiny-digits" for r in runs)
+    assert len(runs) == 6 and all(r.data.tags["asib.benchmark"] == "tiny-digits" for r in runs)
     table = pd.read_csv(bench["work"] / "results" / "tiny-digits.csv")
-    assert list(table["row"]) == ["CE-only", "KD (wrn_16_2)"]
+    assert list(table["row"]) == ["CE-only", "KD (wrn_16_2)", "L1 IB"]
     page = (bench["work"] / "results" / "tiny-digits.md").read_text(encoding="utf-8")
     for _, line in table.iterrows():
         mine = [r for r in runs if r.data.tags["asib.bench_row"] == line["row"]]
@@ -86,9 +92,70 @@ def test_results_page_has_every_row_with_the_numbers_of_the_store(bench):
             assert line[f"{column}_std"] == pytest.approx(statistics.stdev(values))
         rate = statistics.mean(r.data.metrics["train/img_per_s_mean"] for r in mine)
         assert line["img_per_s_mean"] == pytest.approx(rate)
-        assert f"| {line['row']} | quickstart | {'ce' if line['row'] == 'CE-only' else 'vanilla_kd'} | 2 | 0,1 | " in page
+        exp, method = {"CE-only": ("quickstart", "ce"), "L1 IB": ("L1_ib", "asib")}.get(line["row"],
+                                                                                       ("quickstart", "vanilla_kd"))
+        assert f"| {line['row']} | {exp} | {method} | 2 | 0,1 | " in page
     assert "torch " in page and "cores" in page and "python -m pipelines.benchmark name=" in page
     assert re.search(r"commits of the runs:\n  - `[0-9a-f]{7,40}|unknown`", page)
+
+
+def test_every_row_is_compared_with_the_reference_row(bench):
+    """The last two columns: test points against CE-only (difference of the means, Welch standard
+    error) and the run-time ratio, recomputed here from the runs."""
+    runs = _distill_runs(bench["work"])
+    table = pd.read_csv(bench["work"] / "results" / "tiny-digits.csv").set_index("row")
+
+    def of(row):
+        mine = [r for r in runs if r.data.tags["asib.bench_row"] == row]
+        tests = [100 * r.data.metrics["test/acc"] for r in mine]
+        times = [(r.info.end_time - r.info.start_time) / 1000 for r in mine]
+        return statistics.mean(tests), statistics.stdev(tests), statistics.mean(times)
+
+    ce_mean, ce_sd, ce_time = of("CE-only")
+    for row in ("KD (wrn_16_2)", "L1 IB"):
+        mean, sd, time = of(row)
+        assert table.loc[row, "delta_test"] == pytest.approx(mean - ce_mean)
+        assert table.loc[row, "delta_test_se"] == pytest.approx(((sd ** 2 + ce_sd ** 2) / 2) ** 0.5)
+        assert table.loc[row, "time_ratio"] == pytest.approx(time / ce_time)
+    page = (bench["work"] / "results" / "tiny-digits.md").read_text(encoding="utf-8")
+    assert "| test vs CE-only (points ± s.e.) | run time / CE-only's |" in page
+    assert "| (reference) | (reference) |" in page and (bench["work"] / "results" / "tiny-digits-val-curves.png").is_file()
+
+
+def test_asib_section_shows_the_synergy_per_a_step_epoch_from_the_histories(bench):
+    """Per stage and A-step epoch: the seeds' mean of the synergy's, each teacher's, the
+    ensemble's and the oracle's validation accuracy; per stage the B-step synergy share; the cost
+    table - all recomputed here from the two L1 runs' metric histories."""
+    client = MlflowClient()
+    l1 = [r for r in _distill_runs(bench["work"]) if r.data.tags["asib.bench_row"] == "L1 IB"]
+    names = ("synergy", "teacher1", "teacher2", "ensemble", "oracle")
+    expected: dict = {}
+    shares: dict = {}
+    for run in l1:
+        stage = {m.step: int(m.value) for m in client.get_metric_history(run.info.run_id, "stage")}
+        for name in names:
+            for m in client.get_metric_history(run.info.run_id, f"a_step_val/{name}_acc"):
+                expected.setdefault((stage[m.step], name), []).append(100 * m.value)
+        for m in client.get_metric_history(run.info.run_id, "b_step/syn_share"):
+            shares.setdefault(stage[m.step], []).append(100 * m.value)
+    results = bench["work"] / "results"
+    epochs = pd.read_csv(results / "tiny-digits-synergy-epochs.csv")
+    assert list(zip(epochs["stage"], epochs["epoch"], epochs["n"])) == [(1, 1, 2), (2, 1, 2)]
+    for _, line in epochs.iterrows():
+        for name in names:
+            assert line[name] == pytest.approx(statistics.mean(expected[(line["stage"], name)]))
+        assert line["synergy_minus_ensemble"] == pytest.approx(line["synergy"] - line["ensemble"])
+    got_shares = pd.read_csv(results / "tiny-digits-synergy-shares.csv")
+    assert {s: pytest.approx(statistics.mean(v)) for s, v in shares.items()} == dict(
+        zip(got_shares["stage"], got_shares["share"]))
+    cost = pd.read_csv(results / "tiny-digits-asib-cost.csv")
+    assert cost[["row", "n", "student_epochs", "a_step_epochs"]].values.tolist() == [["L1 IB", 2, 2.0, 2.0]]
+    assert cost["wall_time_s_mean"][0] == pytest.approx(
+        statistics.mean((r.info.end_time - r.info.start_time) / 1000 for r in l1))
+    page = (results / "tiny-digits.md").read_text(encoding="utf-8")
+    assert "| L1 IB | 2 | 1 | 2 | " in page and "| `resnet20` | `wrn_16_2` | ensemble | oracle |" in page
+    assert "![synergy against the teachers per A-step epoch](tiny-digits-synergy.png)" in page
+    assert (results / "tiny-digits-synergy.png").stat().st_size > 1000
 
 
 def test_teachers_table_comes_from_one_evaluation_run(bench):
@@ -141,7 +208,7 @@ def _teacher_outputs(work, split: str):
 
 def test_progress_lines_and_an_interrupted_benchmark_continues(bench):
     lines = [ln for ln in bench["first"].splitlines() if ln.startswith("[")]
-    assert [ln.split(" ")[0] for ln in lines] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+    assert [ln.split(" ")[0] for ln in lines] == [f"[{i}/6]" for i in range(1, 7)]
     assert all("elapsed" in ln for ln in lines) and "ETA" in lines[1]
     assert "CE-only seed 0: reused" in lines[0]                 # made by the interrupted command
     assert all("trained in" in ln for ln in lines[1:])
@@ -152,8 +219,8 @@ def test_progress_lines_and_an_interrupted_benchmark_continues(bench):
 def test_rerun_reuses_every_run(bench):
     assert bench["after_second"] == bench["after_first"]        # no new teacher, evaluation or student run
     lines = [ln for ln in bench["second"].splitlines() if ln.startswith("[")]
-    assert len(lines) == 4 and all(": reused" in ln for ln in lines)
-    assert "0 runs trained, 4 reused" in bench["second"]
+    assert len(lines) == 6 and all(": reused" in ln for ln in lines)
+    assert "0 runs trained, 6 reused" in bench["second"]
 
 
 def test_report_alone_writes_the_same_page(bench, tmp_path):
@@ -248,6 +315,9 @@ def test_a_benchmark_extends_another_and_takes_rows_by_name(tmp_path):
         child.write_text(yaml.safe_dump(text), encoding="utf-8")
         with pytest.raises(ConfigError, match=says or "loops back"):
             load_benchmark(str(child))
+    child.write_text(yaml.safe_dump({"extends": str(parent), "reference_row": "Hinton"}), encoding="utf-8")
+    with pytest.raises(ConfigError, match="reference_row 'Hinton' is not one of its rows"):
+        load_benchmark(str(child))
     child.write_text("rows: [a, [b\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_benchmark(str(child))

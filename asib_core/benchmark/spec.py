@@ -4,7 +4,8 @@ fields), loaded and checked, and the selection of rows and seeds of one invocati
 Fields: ``name`` (the tag value ``asib.benchmark`` and the results page's file name), ``title``,
 ``data`` (``dataset``; for image folders ``tarball`` and ``folder``), ``teachers`` (``teacher`` +
 fine-tune ``overrides``), ``seeds``, ``common`` (overrides of every student row) and ``rows``
-(``name``, ``exp``, ``overrides``).
+(``name``, ``exp``, ``overrides``), and ``reference_row`` (the row every other is compared with on
+the results page; default the first row).
 
 ``extends: KEY`` starts from another benchmark file: every field given here replaces the
 parent's, ``common_extra`` is appended to the parent's ``common``, and a row given as a plain
@@ -46,6 +47,7 @@ class Benchmark:
     common: list[str]
     rows: list[Row]
     source: Path = field(default=Path())
+    reference_row: str = ""       # the row the results page compares every row with
 
     @property
     def dataset(self) -> str:
@@ -130,11 +132,15 @@ def load_benchmark(name: str) -> Benchmark:
     teachers = [dict(t) for t in raw.get("teachers") or []]
     if any(not t.get("teacher") for t in teachers):
         raise ConfigError(f"{where}: every entry of `teachers` needs `teacher: NAME`.")
+    reference = str(raw.get("reference_row") or rows[0].name)
+    if reference not in names:
+        raise ConfigError(f"{where}: reference_row {reference!r} is not one of its rows ({', '.join(names)}); "
+                          "name one of them or leave reference_row out (the first row).")
     key = path.stem if path.parent == BENCHMARK_DIR else str(path)
     return Benchmark(key=key, name=str(raw.get("name") or path.stem), title=str(raw.get("title") or path.stem),
                      data=dict(raw.get("data") or {}), teachers=teachers,
                      seeds=[int(s) for s in raw.get("seeds") or [0]], common=[str(o) for o in raw.get("common") or []],
-                     rows=rows, source=path)
+                     rows=rows, source=path, reference_row=reference)
 
 
 def select_rows(bench: Benchmark, text: str) -> list[Row]:

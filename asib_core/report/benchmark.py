@@ -5,12 +5,15 @@ one) and the newest FINISHED ``bench_teachers`` run of the benchmark, and writes
 table (each teacher's val/test top-1, the ensemble, the oracle, their agreement), one row per
 benchmark row in the protocol's order (val top-1 of the best epoch, test top-1 of the
 best-on-validation student and of the last epoch as mean ± sd over n seeds, run and train time,
-images/s), and where the numbers come from: commits, machines and the commands, as the runs
-recorded them.
+images/s, and the difference to the benchmark's ``reference_row`` - test points with the standard
+error of a difference of two means, and run time as a ratio), the mean validation curve of every
+row (a figure), the ASIB section (synergy.py), and where the numbers come from: commits, machines
+and the commands, as the runs recorded them.
 """
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +24,8 @@ from asib_core.benchmark.spec import BENCH_TAG, COMMAND_TAG, MACHINE_TAG, ROW_TA
 from asib_core.pipeline.common import git_commit
 from asib_core.tracking import search_finished
 
-from .query import load_runs
+from . import plots, synergy
+from .query import load_runs, metric_histories
 from .tables import seeds_text, stats
 from .writers import DASH, markdown_table, mean_std, number
 
@@ -71,7 +75,21 @@ def results_table(bench: Benchmark, runs: pd.DataFrame) -> pd.DataFrame:
             mean, std, _ = stats(part[col]) if len(part) else (float("nan"), float("nan"), 0)
             line[f"{col}_mean"], line[f"{col}_std"] = mean, std
         lines.append(line)
-    return pd.DataFrame(lines)
+    table = pd.DataFrame(lines)
+    ref = table[table["row"] == bench.reference_row].iloc[0]
+    table["delta_test"] = table["test_acc_mean"] - ref["test_acc_mean"]
+    table["delta_test_se"] = [difference_se(line["test_acc_std"], line["n"], ref["test_acc_std"], ref["n"])
+                              for _, line in table.iterrows()]
+    table["time_ratio"] = table["wall_time_s_mean"] / ref["wall_time_s_mean"]
+    return table
+
+
+def difference_se(std_a: float, n_a: int, std_b: float, n_b: int) -> float:
+    """Standard error of the difference of two independent means (Welch): sqrt(sa^2/na + sb^2/nb);
+    NaN unless both have a sample sd (n >= 2)."""
+    if n_a < 2 or n_b < 2 or std_a != std_a or std_b != std_b:
+        return float("nan")
+    return math.sqrt(std_a ** 2 / n_a + std_b ** 2 / n_b)
 
 
 def teachers_metrics(bench: Benchmark) -> tuple[dict, str | None]:
@@ -101,14 +119,28 @@ def _pct(value) -> str:
     return number(None if value is None else 100.0 * value)
 
 
-def results_markdown(table: pd.DataFrame) -> str:
-    header = ["row", "exp", "method", "n", "seeds", *(h for _, h, _ in COLUMNS)]
+def results_markdown(table: pd.DataFrame, reference: str) -> str:
+    header = ["row", "exp", "method", "n", "seeds", *(h for _, h, _ in COLUMNS),
+              f"test vs {reference} (points ± s.e.)", f"run time / {reference}'s"]
     rows = []
     for _, line in table.iterrows():
         values = [mean_std(line[f"{c}_mean"], None if c in MEAN_ONLY else line[f"{c}_std"], d)
                   for c, _, d in COLUMNS]
-        rows.append([line["row"], line["exp"], line["method"] or DASH, line["n"], line["seeds"] or DASH, *values])
+        delta, ratio = number(line["delta_test"], signed=True), number(line["time_ratio"])
+        if line["row"] == reference:
+            delta = ratio = "(reference)"
+        elif delta != DASH and line["delta_test_se"] == line["delta_test_se"]:
+            delta += f" ± {line['delta_test_se']:.2f}"
+        rows.append([line["row"], line["exp"], line["method"] or DASH, line["n"], line["seeds"] or DASH, *values,
+                     delta, ratio])
     return markdown_table(header, rows)
+
+
+def curves_figure(bench: Benchmark, runs: pd.DataFrame):
+    """The mean validation curve (over seeds) of every row with runs, in one plot."""
+    histories = metric_histories(list(runs["run_id"]), ("val/acc",)) if not runs.empty else {}
+    groups = [(row.name, runs[runs["row"] == row.name]) for row in bench.rows]
+    return plots.overview_figure([(name, part) for name, part in groups if len(part)], histories)
 
 
 def provenance(runs: pd.DataFrame, teacher_run: str | None) -> dict[str, list[str]]:
@@ -135,6 +167,17 @@ def write_page(bench: Benchmark, out_dir: str | Path = "docs/results") -> Page:
     runs = benchmark_runs(bench)
     table = results_table(bench, runs)
     metrics, teacher_run = teachers_metrics(bench)
+    files: list[Path] = []
+
+    def figure(fig, suffix: str) -> str:
+        path = out / f"{page_name(bench)}-{suffix}.png"
+        plots.save(fig, path)
+        files.append(path)
+        return path.name
+
+    curves = figure(curves_figure(bench, runs), "val-curves")
+    asib = synergy.synergy_tables(runs, [r.name for r in bench.rows])
+    asib_figure = figure(synergy.synergy_figure(asib, runs), "synergy") if not asib["epochs"].empty else None
     where = provenance(runs, teacher_run)
     report_cmd = f"python -m pipelines.report benchmark={bench.key} out={out_dir}"
 
@@ -157,12 +200,21 @@ def write_page(bench: Benchmark, out_dir: str | Path = "docs/results") -> Page:
         "Mean ± sample sd (ddof=1) over the seeds (n); per row and seed the newest FINISHED run. Val top-1 is "
         "the best epoch's validation accuracy, test top-1 that of the best-on-validation student and of "
         "the last epoch; run time is a run's wall clock (all its stages), train time the sum of its "
-        "epochs.", "", results_markdown(table),
+        f"epochs. The last two columns compare each row with `{bench.reference_row}`: the difference of "
+        "the test means with the standard error of that difference (Welch), and the ratio of the mean "
+        "run times.", "", results_markdown(table, bench.reference_row),
+        f"![mean validation curve of every row]({curves})", "",
+        "## ASIB: the synergy against its teachers", "", synergy.synergy_markdown(asib, runs, asib_figure),
     ]
     md, csv = out / f"{page_name(bench)}.md", out / f"{page_name(bench)}.csv"
     md.write_text("\n".join(body), encoding="utf-8")
     table.to_csv(csv, index=False)
-    return Page(markdown=md, csv=csv, table=table, teachers=metrics, files=[md, csv])
+    extra = [(asib[key], out / f"{page_name(bench)}-{suffix}.csv")
+             for key, suffix in (("epochs", "synergy-epochs"), ("shares", "synergy-shares"), ("cost", "asib-cost"))
+             if not asib[key].empty]
+    for frame, path in extra:
+        frame.to_csv(path, index=False)
+    return Page(markdown=md, csv=csv, table=table, teachers=metrics, files=[md, csv, *files, *(p for _, p in extra)])
 
 
 def run_benchmark_report(name: str, out_dir: str | Path = "docs/results") -> Page:
