@@ -147,7 +147,8 @@ class Progress:
         acc = item.metrics.get("test/acc")
         result = f", test {100 * acc:.2f} %, val {100 * item.metrics.get('val/best_acc', float('nan')):.2f} %" \
             if acc is not None else ""
-        eta = (f"ETA {clock(self.todo * sum(self.walls) / len(self.walls))} for {self.todo} run{'' if self.todo == 1 else 's'}"
+        left = f"{self.todo} run{'' if self.todo == 1 else 's'}"
+        eta = (f"ETA {clock(self.todo * sum(self.walls) / len(self.walls))} for {left}"
                if self.walls and self.todo else "ETA after the first trained run" if self.todo else "done")
         self.echo(f"[{k}/{self.total}] {item.row.name} seed {item.seed}: {how}{result} (run {item.run_id}) | "
                   f"elapsed {clock(time.perf_counter() - self.start)}, {eta}")
