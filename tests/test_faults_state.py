@@ -247,6 +247,41 @@ def test_a_resumed_run_does_not_log_a_point_twice(workdir):
     assert mlflow.get_run(run_id).info.status == "FINISHED"
 
 
+def test_the_time_between_attempts_is_not_run_time(workdir):
+    """A run killed (by its own handler, then outright) and resumed twice: each resume adds the
+    time since the previous attempt ended to run/paused_s - for the orphan, since its last metric
+    point, not since it was found - and the report's run time is end - start - run/paused_s."""
+    from asib_core.report.query import load_runs
+    from asib_core.tracking.owners import ACTIVE_TAG
+    from asib_core.tracking.runs import PAUSED_METRIC
+
+    configure_tracking()
+    client = MlflowClient()
+    with pytest.raises(KeyboardInterrupt), open_run(experiment="pauses", run_name="r", tags={}) as run:
+        run.log_metrics({"val/acc": 0.1}, step=0)
+        raise KeyboardInterrupt
+    run_id = run.run_id
+    ended = client.get_run(run_id).info.end_time
+    client.set_terminated(run_id, "KILLED", end_time=ended - 100_000)       # it stood still 100 s longer
+    with open_run(experiment="pauses", run_name="r", tags={}, resume_run_id=run_id) as again:
+        again.log_metrics({"val/acc": 0.2}, step=1)
+    last = int(client.get_run(run_id).data.tags[ACTIVE_TAG])
+    # what an attempt killed outright leaves: RUNNING, its owner gone, its last sign of work 50 s ago
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, OWNER_TAG, owner_id(_dead_pid()))
+    client.set_tag(run_id, ACTIVE_TAG, str(last - 50_000))
+    assert close_orphans() == [run_id]
+    assert client.get_run(run_id).info.end_time == last - 50_000
+    with open_run(experiment="pauses", run_name="r", tags={}, resume_run_id=run_id):
+        pass
+    points = sorted(client.get_metric_history(run_id, PAUSED_METRIC), key=lambda m: m.step)
+    assert [m.step for m in points] == [0, 1]
+    assert 100 <= points[0].value < 130 and 150 <= points[1].value < 190
+    info = client.get_run(run_id).info
+    row = load_runs("pauses").set_index("run_id").loc[run_id]
+    assert row["wall_time_s"] == pytest.approx((info.end_time - info.start_time) / 1000 - points[1].value)
+
+
 def test_owner_tag_names_this_host(workdir):
     configure_tracking()
     with open_run(experiment="owner", run_name="x", tags={}) as run:

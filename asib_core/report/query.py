@@ -10,7 +10,7 @@ column              source                                           unit
 ``test_acc``        metric ``test/acc`` (best-on-validation student)   %
 ``test_acc_last``   metric ``test/acc_last`` (last-epoch student)      %
 ``train_time_s``    metric ``total_train_time_sec`` (sum of epochs)    s
-``wall_time_s``     run end time - start time                          s
+``wall_time_s``     run end time - start time - ``run/paused_s``       s
 ``img_per_s``       metric ``train/img_per_s_mean`` (training images/s)
 ==================  ===============================================  =======
 
@@ -106,7 +106,8 @@ def normalize(frame: pd.DataFrame) -> pd.DataFrame:
         df[name] = pd.to_numeric(_column(df, f"metrics.{metric}", float("nan")), errors="coerce") * scale
     start = pd.to_datetime(_column(df, "start_time", pd.NaT), utc=True, errors="coerce")
     end = pd.to_datetime(_column(df, "end_time", pd.NaT), utc=True, errors="coerce")
-    df["wall_time_s"] = (end - start).dt.total_seconds()
+    paused = pd.to_numeric(_column(df, "metrics.run/paused_s", 0.0), errors="coerce").fillna(0.0)
+    df["wall_time_s"] = (end - start).dt.total_seconds() - paused   # a resumed run's downtime is not run time
     df["seed_order"] = df["seed"].map(_seed_number)
     return df
 

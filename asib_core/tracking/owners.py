@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 OWNER_TAG = "asib.owner"
 ORPHAN_TAG = "asib.orphan"
+#: epoch milliseconds of the run's last metric points (runs.RunHandle.log_metrics): where a run
+#: killed outright stopped working, so its downtime is not counted as run time
+ACTIVE_TAG = "asib.last_active_ms"
 
 
 def _proc_stat(pid: int) -> list[str]:
@@ -65,9 +68,11 @@ def owner_alive(owner: str) -> bool | None:
 
 
 def close_orphan(run_id: str, reason: str) -> None:
+    """End the run KILLED at its last sign of work (its ``ACTIVE_TAG``; now if it has none)."""
     client = MlflowClient()
     client.set_tag(run_id, ORPHAN_TAG, reason[:5000])
-    client.set_terminated(run_id, "KILLED")
+    last = client.get_run(run_id).data.tags.get(ACTIVE_TAG, "")
+    client.set_terminated(run_id, "KILLED", end_time=int(last) if last.isdigit() else None)
     name = client.get_run(run_id).info.run_name
     log.warning("closed run %s (%s) as KILLED: %s", run_id, name, reason)
 

@@ -6,7 +6,10 @@ sweeps) ends KILLED with the reason as the tag ``asib.pruned``. Runs started by 
 are attached through ``MLFLOW_RUN_ID``; runs started directly go to the same experiment ``mlflow run``
 would use (:func:`experiment_name`), so both kinds of run of one project land side by side.
 A run whose process is killed outright (SIGKILL) is closed as KILLED by the next command
-(owners.py); a resumed run logs no metric point twice (:class:`RunHandle`). Every run samples
+(owners.py) at its last metric point; a resumed run logs no metric point twice (:class:`RunHandle`)
+and adds the time it stood still since its previous attempt ended to the metric ``run/paused_s``
+(one point per resume, the running total), so its run time is ``end - start - run/paused_s``
+whatever happened in between. Every run samples
 system metrics (``system/...``, every 10 s) unless ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false``.
 """
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 
@@ -23,12 +27,13 @@ from mlflow.tracking import MlflowClient
 
 from asib_core.faults import fault_point
 
-from .owners import ORPHAN_TAG, OWNER_TAG, close_orphans, owner_id
+from .owners import ACTIVE_TAG, ORPHAN_TAG, OWNER_TAG, close_orphans, owner_id
 from .store import artifact_root
 
 SYSTEM_METRICS_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"
 ERROR_TAG = "asib.error"
 PRUNED_TAG = "asib.pruned"
+PAUSED_METRIC = "run/paused_s"
 MAX_TAG = 5000
 
 
@@ -98,6 +103,7 @@ class RunHandle:
                  if v is not None and v == v and step not in self.logged.get(k, ())}
         if clean:
             mlflow.log_metrics(clean, step=step, run_id=self.run_id)
+            MlflowClient().set_tag(self.run_id, ACTIVE_TAG, str(int(time.time() * 1000)))
             for key in clean:
                 self.logged.setdefault(key, set()).add(step)
 
@@ -135,6 +141,7 @@ def open_run(*, experiment: str, run_name: str, tags: dict, resume_run_id: str |
         os.environ.pop("MLFLOW_RUN_ID", None)
     if resume_run_id:
         client.set_tag(resume_run_id, OWNER_TAG, all_tags[OWNER_TAG])
+        add_pause(client, resume_run_id)
         run = mlflow.start_run(run_id=resume_run_id, nested=nested, log_system_metrics=system_metrics)
         client.update_run(resume_run_id, status="RUNNING")
         stale = [t for t in (ORPHAN_TAG, ERROR_TAG) if t in client.get_run(resume_run_id).data.tags]
@@ -173,6 +180,20 @@ def open_run(*, experiment: str, run_name: str, tags: dict, resume_run_id: str |
         raise
     else:
         mlflow.end_run(status="FINISHED")
+
+
+def add_pause(client: MlflowClient, run_id: str) -> None:
+    """Before a run is resumed: add the time since its previous attempt ended (its end time) to
+    ``run/paused_s``, and mark the run active now (should this attempt be killed before its first
+    metric point, its orphan end time is then not the previous attempt's)."""
+    run = client.get_run(run_id)
+    now = int(time.time() * 1000)
+    client.set_tag(run_id, ACTIVE_TAG, str(now))
+    if not run.info.end_time:
+        return
+    history = client.get_metric_history(run_id, PAUSED_METRIC)
+    total = (max(history, key=lambda m: m.step).value if history else 0.0) + max(0, now - run.info.end_time) / 1000
+    client.log_metric(run_id, PAUSED_METRIC, total, timestamp=now, step=len(history))
 
 
 def _is_trial_pruned(exc: BaseException) -> bool:
