@@ -118,7 +118,7 @@ def metric_histories(run_id: str, workdir: Path) -> dict:
     use_store(workdir)
     client = MlflowClient()
     run = client.get_run(run_id)
-    timing = ("epoch_time", "img_per_s", "train/img_per_s_mean", "total_train_time_sec")
+    timing = ("epoch_time", "img_per_s", "train/img_per_s_mean", "total_train_time_sec", "run/paused_s")
     return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
             for key in run.data.metrics if not key.endswith(timing)}
 
