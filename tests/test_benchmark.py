@@ -122,6 +122,22 @@ def test_every_row_is_compared_with_the_reference_row(bench):
     assert "| (reference) | (reference) |" in page and (bench["work"] / "results" / "tiny-digits-val-curves.png").is_file()
 
 
+def test_page_states_what_the_runs_cost(bench):
+    """The compute lines: the student runs' summed run time and each teacher's training time
+    (the sum of its fine-tune epochs), recomputed from the store."""
+    from asib_core.benchmark.runner import clock
+
+    client = MlflowClient()
+    runs = _distill_runs(bench["work"])
+    page = (bench["work"] / "results" / "tiny-digits.md").read_text(encoding="utf-8")
+    total = sum((r.info.end_time - r.info.start_time) / 1000 for r in runs)
+    assert f"  - 6 student runs: {clock(total)} (h:mm:ss) of run time in all" in page
+    for run in all_runs(bench["work"]):
+        if run.data.tags.get("step") == "finetune":
+            seconds = client.get_run(run.info.run_id).data.metrics["total_train_time_sec"]
+            assert f"  - teacher `{run.data.tags['teacher']}`: {clock(seconds)} of training" in page
+
+
 def test_asib_section_shows_the_synergy_per_a_step_epoch_from_the_histories(bench):
     """Per stage and A-step epoch: the seeds' mean of the synergy's, each teacher's, the
     ensemble's and the oracle's validation accuracy; per stage the B-step synergy share; the cost

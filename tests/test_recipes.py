@@ -29,7 +29,8 @@ from asib_helpers import asib_cfg, make_run, single_torch_thread, tiny_data
 
 #: the paper recipes' switches (decisions.md "Recipes: the seed's and the papers'")
 OFF = {"kd_max_ratio": None, "mixup_alpha": 0.0, "cutmix_alpha_distill": 0.0, "ce_label_smoothing": 0.0,
-       "kd_warmup_epochs": 0, "tau_schedule": None, "tau_start": None, "tau_end": None, "grad_clip_norm": 0.0}
+       "kd_warmup_epochs": 0, "tau_schedule": None, "tau_start": None, "tau_end": None, "grad_clip_norm": 0.0,
+       "b_step_lr": None, "b_step_weight_decay": None}
 #: recipe -> (method, weights), from kd-reference.md (and the protocol's CE-only baseline)
 EXPECTED = {
     "ce_protocol": ("ce", {"ce_alpha": 1.0, "kd_alpha": 0.0}),
@@ -49,7 +50,7 @@ EXPECTED = {
                                     "attention_weight": 0.0}),
     "simkd_paper": ("simkd", {"ce_alpha": 0.0, "kd_alpha": 0.0, "feature_weight": 1.0}),
     "sskd_paper": ("sskd", {"ce_alpha": 0.1, "kd_alpha": 0.9, "tau": 4.0, "kd_target": "teacher",
-                            "feature_weight": 2.7, "contrastive_weight": 10.0, "sskd_pretrain_epochs": None}),
+                            "feature_weight": 2.7, "contrastive_weight": 10.0, "sskd_pretrain_epochs": 60}),
 }
 CPU = torch.device("cpu")
 
@@ -94,6 +95,22 @@ def test_overrides_win_over_the_recipe_and_clashes_are_refused():
 
 
 # -- fidelity to the reference implementations ------------------------------------------------
+def test_a_paper_recipe_trains_the_auxiliary_modules_like_the_student():
+    """One optimiser over student and modules, as RepDistiller: under a paper recipe the
+    auxiliary group (here FitNet's regressor) takes the student's LR and weight decay; the
+    seed's own settings keep their b_step_lr / b_step_weight_decay."""
+    from asib_core.engine.optim import student_optimizer
+
+    for extra, (lr, wd) in ((["recipe=fitnet_paper", "experiment.student_lr=0.05"], (0.05, 5e-4)),
+                            (["method=fitnet", "experiment.student_lr=0.05"], (0.1, 3e-4))):
+        cfg = finalize_config(build_effective("sota_generic", benchmark_common() + extra))
+        distiller = _build(cfg)
+        opt = student_optimizer(cfg, distiller.student_parameters(), distiller.auxiliary_parameters())
+        groups = {g["name"]: (g["lr"], g["weight_decay"]) for g in opt.param_groups}
+        assert groups == {"student": (0.05, 5e-4), "auxiliary": (lr, wd)}, extra
+
+
+
 def _models(teacher: str = "resnet20"):
     torch.manual_seed(0)
     student = create_model("resnet8", num_classes=10)

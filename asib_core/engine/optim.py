@@ -25,9 +25,14 @@ def build_optimizer(kind: str, groups: list[dict], *, lr: float, weight_decay: f
     raise ConfigError(f"optimizer='{kind}' is not known; use sgd or adamw.")
 
 
+def _or(value, default):
+    return default if value is None else value
+
+
 def student_optimizer(cfg: dict, student_params, aux_params) -> torch.optim.Optimizer:
     """B-step optimiser. Auxiliary modules (regressors, connectors, ...) use
-    ``b_step_lr``/``b_step_weight_decay`` under SGD, the student's values under AdamW."""
+    ``b_step_lr``/``b_step_weight_decay`` under SGD (null: the student's value), the student's
+    values under AdamW."""
     kind = str(cfg.get("optimizer", "adamw"))
     lr, wd = float(cfg["student_lr"]), float(cfg.get("student_weight_decay", 0.0))
     groups = [{"params": list(student_params), "name": "student"}]
@@ -35,8 +40,8 @@ def student_optimizer(cfg: dict, student_params, aux_params) -> torch.optim.Opti
     if aux:
         if kind == "sgd":
             groups.append({"params": aux, "name": "auxiliary",
-                           "lr": float(cfg.get("b_step_lr", lr)),
-                           "weight_decay": float(cfg.get("b_step_weight_decay", wd))})
+                           "lr": float(_or(cfg.get("b_step_lr"), lr)),
+                           "weight_decay": float(_or(cfg.get("b_step_weight_decay"), wd))})
         else:
             groups.append({"params": aux, "name": "auxiliary"})
     elif kind == "sgd":
