@@ -92,6 +92,12 @@ class Distiller(nn.Module):
         self.label_smoothing = float(cfg.get("ce_label_smoothing", 0.0) or 0.0)
         self._epoch_stats: dict[str, float] = {}
 
+    def teachers_used(self) -> list[int]:
+        """Indices of the teachers this method's losses read (the run's tag
+        ``asib.teachers_used``): every teacher unless the method sets ``self.needed`` (the
+        indices a step runs) or overrides this."""
+        return sorted(getattr(self, "needed", range(len(self.teachers))))
+
     # -- training -------------------------------------------------------------
     def train(self, mode: bool = True):
         super().train(mode)

@@ -92,9 +92,11 @@ def test_results_page_has_every_row_with_the_numbers_of_the_store(bench):
             assert line[f"{column}_std"] == pytest.approx(statistics.stdev(values))
         rate = statistics.mean(r.data.metrics["train/img_per_s_mean"] for r in mine)
         assert line["img_per_s_mean"] == pytest.approx(rate)
-        exp, method = {"CE-only": ("quickstart", "ce"), "L1 IB": ("L1_ib", "asib")}.get(line["row"],
-                                                                                       ("quickstart", "vanilla_kd"))
-        assert f"| {line['row']} | {exp} | {method} | 2 | 0,1 | " in page
+        exp, method, used = {"CE-only": ("quickstart", "ce", "none"),
+                             "L1 IB": ("L1_ib", "asib", "resnet20+wrn_16_2")}.get(
+            line["row"], ("quickstart", "vanilla_kd", "wrn_16_2"))
+        assert {r.data.tags["asib.teachers_used"] for r in mine} == {used}
+        assert f"| {line['row']} | {exp} | {method} | {used.replace('+', ' + ')} | 2 | 0,1 | " in page
     assert "torch " in page and "cores" in page and "python -m pipelines.benchmark name=" in page
     assert re.search(r"commits of the runs:\n  - `[0-9a-f]{7,40}|unknown`", page)
 

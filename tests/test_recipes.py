@@ -95,6 +95,25 @@ def test_overrides_win_over_the_recipe_and_clashes_are_refused():
 
 
 # -- fidelity to the reference implementations ------------------------------------------------
+def test_the_protocol_rows_read_the_teachers_the_protocol_names():
+    """benchmark-protocol.md: KD from each teacher, avg-KD from both, the feature baselines from
+    one teacher (resnet20, the student's family: kd_teacher_index 0); AB reads it in its first
+    stage only; the results page shows this as each row's `teachers used` (the run tag)."""
+    from asib_core.benchmark import load_benchmark
+
+    expected = {"CE-only": [], "KD (resnet20)": [0], "KD (wrn_16_2)": [1], "avg-KD": [0, 1],
+                "seed recipe (sota_generic, vanilla_kd)": [0, 1]}
+    bench = load_benchmark("cifar10_lowdata")
+    rows = [r for r in bench.rows if r.exp == "sota_generic"]
+    assert len(rows) == 14
+    for row in rows:
+        cfg = finalize_config(build_effective(row.exp, benchmark_common() + list(row.overrides)))
+        torch.manual_seed(0)
+        teachers = [create_model("resnet20", num_classes=10), create_model("wrn_16_2", num_classes=10)]
+        distiller = build_distiller(cfg, create_model("resnet8", num_classes=10), teachers)
+        assert distiller.teachers_used() == expected.get(row.name, [0]), row.name
+
+
 def test_a_paper_recipe_trains_the_auxiliary_modules_like_the_student():
     """One optimiser over student and modules, as RepDistiller: under a paper recipe the
     auxiliary group (here FitNet's regressor) takes the student's LR and weight decay; the

@@ -183,6 +183,9 @@ class BaselineDistiller(Distiller):
     def uses_logit_target(self) -> bool:
         return self.needs_logit_target or self.kd_alpha != 0.0
 
+    def teachers_used(self) -> list[int]:
+        return self.needed_teachers()
+
     def needed_teachers(self) -> list[int]:
         need = set()
         if self.uses_feature_teacher:

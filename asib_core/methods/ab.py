@@ -85,6 +85,11 @@ class AB(BaselineDistiller):
     def auxiliary_modules(self):
         return []  # the connectors are trained in the first stage only
 
+    def teachers_used(self) -> list[int]:
+        """Stage 1 reads the feature teacher even when stage 2 runs no teacher."""
+        first = {self.feature_teacher_index} if self.feature_weight != 0.0 else set()
+        return sorted(first | set(self.needed_teachers()))
+
     def ab_term(self, s_out: dict, t_out: dict) -> tuple[torch.Tensor, float]:
         """Unweighted multi-layer AB loss and the fraction of neurons on the teacher's side."""
         n = len(self.pairs)

@@ -81,6 +81,8 @@ def run_time_metrics(history: list[dict]) -> dict:
 
 
 STATE_TAG = "asib.state_dir"
+#: a distill run's tag naming the teachers its method's losses read ("none" for CE-only)
+TEACHERS_USED_TAG = "asib.teachers_used"
 _UNFINISHED = ("RUNNING", "FAILED", "KILLED", "SCHEDULED")
 
 

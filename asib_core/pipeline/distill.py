@@ -30,8 +30,8 @@ from asib_core.methods import build_distiller, get_method
 from asib_core.tracking import configure_tracking, experiment_name, open_run
 from asib_core.tracking.plots import log_curves
 
-from .common import (STATE_TAG, early_stopping, file_sha256, resumable_state, run_tags, seed_everything,
-                     setup_logging, teacher_names)
+from .common import (STATE_TAG, TEACHERS_USED_TAG, early_stopping, file_sha256, resumable_state, run_tags,
+                     seed_everything, setup_logging, teacher_names)
 from .inputs import log_run_inputs
 from .results import apply_log_level, write_results
 from .models import build_student, load_teacher, read_teacher_checkpoint, to_device
@@ -141,6 +141,8 @@ def _fit(cfg, lock, sources, data, device, state_dir, dist: DistContext, run, ho
     student = to_device(build_student(cfg, data.num_classes), device, channels_last)
     distiller = build_distiller(cfg, student, teachers).to(device)
     if run is not None:
+        names = teacher_names(cfg) if sources else []
+        run.set_tags({TEACHERS_USED_TAG: "+".join(names[i] for i in distiller.teachers_used()) or "none"})
         log_run_inputs(run.run_id, cfg, data)
         log_teacher_report(run, teachers, [s.path for s in sources], data, precision, cfg)
     optimizer = student_optimizer(cfg, distiller.student_parameters(), distiller.auxiliary_parameters())

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from asib_core.benchmark.runner import clock
 from asib_core.benchmark.spec import BENCH_TAG, COMMAND_TAG, MACHINE_TAG, ROW_TAG, TEACHERS_STEP, Benchmark
-from asib_core.pipeline.common import git_commit
+from asib_core.pipeline.common import TEACHERS_USED_TAG, git_commit
 from asib_core.tracking import search_finished
 
 from . import plots, synergy
@@ -69,8 +69,10 @@ def results_table(bench: Benchmark, runs: pd.DataFrame) -> pd.DataFrame:
     lines = []
     for row in bench.rows:
         part = runs[runs["row"] == row.name] if not runs.empty else runs
+        used = part.get(f"tags.{TEACHERS_USED_TAG}", pd.Series(dtype=object)).dropna()
         line = {"row": row.name, "exp": row.exp,
                 "method": ",".join(sorted(set(part["method"]))) if len(part) else "",
+                "teachers": ",".join(sorted(set(used.astype(str)))).replace("+", " + "),
                 "n": int(len(part)), "seeds": seeds_text(part) if len(part) else ""}
         for col, _, _ in COLUMNS:
             mean, std, _ = stats(part[col]) if len(part) else (float("nan"), float("nan"), 0)
@@ -121,7 +123,7 @@ def _pct(value) -> str:
 
 
 def results_markdown(table: pd.DataFrame, reference: str) -> str:
-    header = ["row", "exp", "method", "n", "seeds", *(h for _, h, _ in COLUMNS),
+    header = ["row", "exp", "method", "teachers used", "n", "seeds", *(h for _, h, _ in COLUMNS),
               f"test vs {reference} (points ± s.e.)", f"run time / {reference}'s"]
     rows = []
     for _, line in table.iterrows():
@@ -132,7 +134,8 @@ def results_markdown(table: pd.DataFrame, reference: str) -> str:
             delta = ratio = "(reference)"
         elif delta != DASH and line["delta_test_se"] == line["delta_test_se"]:
             delta += f" ± {line['delta_test_se']:.2f}"
-        rows.append([line["row"], line["exp"], line["method"] or DASH, line["n"], line["seeds"] or DASH, *values,
+        rows.append([line["row"], line["exp"], line["method"] or DASH, line["teachers"] or DASH, line["n"],
+                     line["seeds"] or DASH, *values,
                      delta, ratio])
     return markdown_table(header, rows)
 
