@@ -121,7 +121,8 @@ def test_every_row_is_compared_with_the_reference_row(bench):
         assert table.loc[row, "time_ratio"] == pytest.approx(time / ce_time)
     page = (bench["work"] / "results" / "tiny-digits.md").read_text(encoding="utf-8")
     assert "| test vs CE-only (points ± s.e.) | run time / CE-only's |" in page
-    assert "| (reference) | (reference) |" in page and (bench["work"] / "results" / "tiny-digits-val-curves.png").is_file()
+    assert "| (reference) | (reference) |" in page
+    assert (bench["work"] / "results" / "tiny-digits-val-curves.png").is_file()
 
 
 def test_page_states_what_the_runs_cost(bench):

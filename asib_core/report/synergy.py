@@ -99,9 +99,9 @@ def synergy_tables(runs: pd.DataFrame, row_order: list[str]) -> dict[str, pd.Dat
             shares.append({"row": row, "stage": int(stage), "n": n, "share": 100.0 * mean})
         mine = part[part["run_id"].isin(steps)]
         time_mean, time_std, n = stats(mine["wall_time_s"])
-        epochs_param = mine.get("params.student_epochs_per_stage")
+        per_stage = mine.get("params.student_epochs_per_stage")
         cost.append({"row": row, "n": n,
-                     "student_epochs": float("nan") if epochs_param is None else epochs_param.map(student_epochs).mean(),
+                     "student_epochs": float("nan") if per_stage is None else per_stage.map(student_epochs).mean(),
                      "a_step_epochs": sum(len(f) for f in steps.values()) / len(steps),
                      "wall_time_s_mean": time_mean, "wall_time_s_std": time_std})
     cost_frame = pd.DataFrame(cost)
