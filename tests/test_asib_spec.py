@@ -551,3 +551,38 @@ def test_a_step_reuses_the_teachers_training_features_only_for_unaugmented_image
     # the same A-step as with live features, up to float rounding: a sample whose features are
     # computed alone (not seen in the first epoch) differs in the last bits from one in a batch
     assert all(torch.allclose(state[k], live_state[k], rtol=0, atol=1e-5) for k in state)
+
+
+def test_a_step_without_augmentation_runs_student_and_teachers_once_per_sample(tmp_path, monkeypatch):
+    """a_step_augment=false on an augmented run: the A-step reads the training images as they are
+    (the B-step still augments), and over 3 A-step epochs the frozen student and the frozen
+    teachers see each training sample once; with the key true (the seed's behaviour) every epoch."""
+    from asib_core.methods.asib import a_step
+
+    seen = {}
+    for plain in (True, False):
+        cfg = asib_cfg("L1_ib", ["experiment.num_stages=1", "experiment.student_epochs_per_stage=[1]",
+                                 "experiment.teacher_adapt_epochs=3", "experiment.dataset.batch_size=12",
+                                 f"experiment.a_step_augment={str(not plain).lower()}"])
+        run, d = make_run(cfg, tiny_data(cfg, per_class=4, val_split=0.02, data_aug=1), None, tmp_path / str(plain))
+        run.log_metrics = lambda metrics, step=None: None
+        calls = {"student": [], "teacher1": [], "teacher2": []}
+        for name, module in (("student", d.student), ("teacher1", d.teachers[0]), ("teacher2", d.teachers[1])):
+            module.register_forward_hook(lambda m, i, o, name=name: calls[name].append(i[0]))
+        batches = []
+        losses = a_step.a_step_losses
+        monkeypatch.setattr(a_step, "a_step_losses",
+                            lambda dd, batch, *args: (batches.append(batch), losses(dd, batch, *args))[1])
+        a_step.AStep(d, 0, run).run()
+        monkeypatch.undo()
+        n_val = len(run.data.val)          # the validation passes: teachers once (cached), student every epoch
+        rows = {k: sum(x.shape[0] for x in v) - (3 * n_val if k == "student" else n_val) for k, v in calls.items()}
+        seen[plain] = (rows, run.train_loader.num_samples, batches, run)
+    (rows, per_epoch, batches, run), (live_rows, live_epoch, live_batches, _) = seen[True], seen[False]
+    assert live_rows == {k: 3 * live_epoch for k in live_rows}           # augmented: every epoch
+    assert all(per_epoch <= v <= per_epoch + 4 for v in rows.values())   # once per sample (drop_last: 36 of 40)
+    # the A-step's images are the training images as they are; the seed's A-step augments them
+    loader = run.train_loader
+    unaugmented = [loader.normalize(loader.images.index_select(0, b.idx)) for b in (batches[0], live_batches[0])]
+    assert torch.equal(batches[0].x, unaugmented[0]) and not torch.equal(live_batches[0].x, unaugmented[1])
+    assert run.train_loader.augment and not run.plain_train_loader().augment

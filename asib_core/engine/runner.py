@@ -128,6 +128,7 @@ class TrainingRun:
                                         world_size=self.dist.world_size, channels_last=channels_last)
         eval_bs = int(cfg.get("eval_batch_size") or 512)
         self.val_loader = data.loader("val", batch_size=eval_bs, channels_last=channels_last)
+        self._plain_train_loader = None
         self.step_module = _StepModule(distiller)
         self.ddp_module = self._wrap_ddp()
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -338,18 +339,29 @@ class TrainingRun:
         deploy = load_state(self.best_path)["deploy"]
         self.distiller.load_deploy_state(deploy)
 
+    def plain_train_loader(self):
+        """The training split without augmentation, batched, shuffled and sharded like
+        ``train_loader`` (made on first use): for phases that want the images as they are."""
+        if self._plain_train_loader is None:
+            self._plain_train_loader = self.data.loader(
+                "train", batch_size=self.train_loader.batch_size, rank=self.dist.rank,
+                world_size=self.dist.world_size, channels_last=self.channels_last, augment=False)
+        return self._plain_train_loader
+
     def run_aux_epochs(self, name: str, step_fn: Callable, params: list, optimizer, epochs: int,
                        *, mix: bool = False, clamp: bool = True, extra_metrics: Callable | None = None,
-                       after_backward: Callable | None = None) -> list[dict]:
-        """Epochs of an auxiliary phase (pre-training, A-step): same loop, own optimiser.
+                       after_backward: Callable | None = None, loader=None) -> list[dict]:
+        """Epochs of an auxiliary phase (pre-training, A-step): same loop, own optimiser, over
+        ``loader`` (default ``train_loader``).
 
         Each epoch is one MLflow step (``log_step``) with metrics under ``name/``. Modules
         trained here are not inside the DDP module: under data parallelism the caller
         synchronises them (``after_backward``: e.g. ``self.dist.average_gradients``).
         """
+        loader = self.train_loader if loader is None else loader
         out = []
         for e in range(epochs):
-            self.train_loader.set_epoch(10_000 + self.state.log_step)
+            loader.set_epoch(10_000 + self.state.log_step)
             settings = EpochSettings(
                 epoch=self.state.log_step,
                 mixup_alpha=self.spec.mixup_alpha if mix else 0.0,
@@ -358,7 +370,7 @@ class TrainingRun:
                 clamp_cfg=self.spec.clamp_cfg if clamp else {}, seed=self.spec.seed + 991,
                 desc=f"{self.title} {name} epoch {e + 1}/{epochs}",
             )
-            result = train_epoch(lambda batch: step_fn(batch, e), self.train_loader, optimizer, params,
+            result = train_epoch(lambda batch: step_fn(batch, e), loader, optimizer, params,
                                  self.precision, settings, reducer=self.dist.reduce_sum,
                                  after_backward=after_backward)
             metrics = {f"{name}/{k}": v for k, v in result.metrics.items()}

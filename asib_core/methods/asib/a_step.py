@@ -30,7 +30,10 @@ restore (a best-accuracy snapshot would systematically discard the CCCP epochs).
 
 The teachers' ``feat_2d`` of the training samples is computed once per stage when it cannot
 change between epochs (frozen teacher backbones, a training loader without augmentation:
-``teacher_cache.train_cache_for``); otherwise the teachers run on every batch.
+``teacher_cache.train_cache_for``), and so are the frozen student's query and logits (without
+augmentation); otherwise they run on every batch. ``a_step_augment: false`` gives the A-step the
+training split without augmentation (``runner.plain_train_loader``), so an A-step epoch after the
+first costs little more than IB_MBM and its head.
 
 Data parallelism (torchrun): these modules are trained outside the DDP module, so the A-step
 synchronises them itself: rank 0's parameters and buffers are broadcast at its start, every
@@ -57,7 +60,7 @@ from asib_core.losses import cccp_loss, gaussian_kl
 
 from . import ppf
 from .targets import ensemble_target
-from .teacher_cache import teacher_features, train_cache_for
+from .teacher_cache import student_cache_for, teacher_features, train_cache_for
 
 log = logging.getLogger(__name__)
 ROLES = ("teacher1", "teacher2")
@@ -85,18 +88,24 @@ def param_l2(modules) -> torch.Tensor:
 
 
 def a_step_losses(distiller, batch, stage: int, epoch: int, syn_acc: float = math.nan,
-                  ensemble_acc: float = math.nan, feature_cache=None):
+                  ensemble_acc: float = math.nan, feature_cache=None, student_cache=None):
     """One A-step batch: ``(synergy logits, {name: weighted loss})``; records diagnostics.
     ``syn_acc`` / ``ensemble_acc``: the latest validation synergy / teacher-ensemble accuracy
-    (they gate the KD toward the student); ``feature_cache``: a ``TrainFeatureCache`` of the
-    teachers' features (only where it is valid, ``train_cache_for``)."""
+    (they gate the KD toward the student); ``feature_cache`` / ``student_cache``: a
+    ``TrainFeatureCache`` of the teachers' features / of the frozen student's query and logits
+    (only where it is valid: ``train_cache_for``, ``student_cache_for``)."""
     s = distiller.settings
+
+    def student_outputs(x):
+        out = distiller.student(x)
+        return [out[s.feat_kd_key].detach(), out["logit"].detach()]
+
     with torch.no_grad():
-        sout = distiller.student(batch.x)
-    query = sout[s.feat_kd_key].detach()
-    student_logits = sout["logit"].detach()
+        query, student_logits = (student_outputs(batch.x) if student_cache is None
+                                 else student_cache.features(student_outputs, batch.x, batch.idx))
     if feature_cache is not None:
-        tokens = distiller.tokens_from_features(feature_cache.features(distiller.teachers, batch.x, batch.idx))
+        tokens = distiller.tokens_from_features(feature_cache.features(
+            lambda x: teacher_features(distiller.teachers, x), batch.x, batch.idx))
     else:
         tokens = distiller.teacher_tokens(batch.x, a_step=True)
     ib = distiller.ib_mbm(query, tokens)
@@ -297,12 +306,13 @@ class AStep:
         params = [p for g in opt.param_groups for p in g["params"]]
         counts = self.trainable_counts()
         epochs = s.adapt_epochs
-        cache = train_cache_for(s, runner.train_loader)
+        loader = runner.train_loader if s.a_step_augment else runner.plain_train_loader()
+        cache, student_cache = train_cache_for(s, loader), student_cache_for(loader)
 
         def step_fn(batch, e):
             measured = self.last_acc == self.last_acc
             return a_step_losses(d, batch, self.stage, e, self.last_acc if measured else d.gate.syn_acc,
-                                 self.last_ensemble_acc if measured else d.gate.ensemble_acc, cache)
+                                 self.last_ensemble_acc if measured else d.gate.ensemble_acc, cache, student_cache)
 
         def extra(e):
             runner.dist.broadcast_states(self.trained_modules(), buffers_only=True)
@@ -325,7 +335,7 @@ class AStep:
             return metrics
 
         runner.dist.broadcast_states(self.trained_modules())
-        runner.run_aux_epochs("a_step", step_fn, params, opt, epochs, mix=False,
+        runner.run_aux_epochs("a_step", step_fn, params, opt, epochs, mix=False, loader=loader,
                               clamp=not s.disable_loss_clamp_in_a, extra_metrics=extra,
                               after_backward=lambda: runner.dist.average_gradients(params))
         log.info("A-step of stage %d: validation synergy accuracy %.4f, teacher ensemble %.4f "

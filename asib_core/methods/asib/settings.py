@@ -58,6 +58,7 @@ def synergy_window(synergy_only_epochs: int, adapt_epochs: int) -> int:
 class ASIBSettings:
     # -- A-step ---------------------------------------------------------------
     adapt_epochs: int
+    a_step_augment: bool
     synergy_only_epochs: int
     window: int
     synergy_ce_alpha: float
@@ -318,6 +319,7 @@ class ASIBSettings:
 
         values = dict(
             adapt_epochs=adapt,
+            a_step_augment=_bool(cfg, "a_step_augment", True),
             synergy_only_epochs=sync_only,
             window=synergy_window(sync_only, adapt),
             synergy_ce_alpha=_float(cfg, "synergy_ce_alpha", 1.0),

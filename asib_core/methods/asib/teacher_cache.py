@@ -1,5 +1,6 @@
-"""Teacher backbone features kept while they cannot change: the validation loader's
-(``TeacherFeatureCache``, once per run) and the A-step's training samples
+"""Outputs of frozen modules kept while they cannot change: the teachers' backbone features of
+the validation loader (``TeacherFeatureCache``, once per run) and, for the A-step's training
+samples, the teachers' features and the frozen student's query and logits
 (``TrainFeatureCache``, once per stage, only without augmentation).
 
 The A-step measures the synergy's validation accuracy after every epoch, and each
@@ -13,6 +14,11 @@ validation goes from every epoch to once per run.
 The cache checks the labels of every batch against the first pass; a loader that yields
 other samples (or another order) is read live and the cache rebuilt. Past ``max_bytes``
 the cache gives up and every pass runs the teachers (said once in the log).
+
+In the A-step the student is frozen in eval mode, so its outputs on an un-augmented training
+image are the same every epoch of a stage as well: with ``a_step_augment: false`` the A-step
+reads the training split without augmentation and each epoch after the first runs only
+IB_MBM, the synergy head and the teachers' adapters.
 """
 from __future__ import annotations
 
@@ -76,16 +82,19 @@ class TeacherFeatureCache:
 
 
 class TrainFeatureCache:
-    """The teachers' ``feat_2d`` of training samples, by dataset index, for one A-step.
+    """Outputs of frozen modules on training samples, by dataset index, for one A-step: the
+    teachers' ``feat_2d`` (:func:`train_cache_for`) or the student's query and logits
+    (:func:`student_cache_for`); ``compute(x)`` gives them for a batch.
 
-    Valid only while a sample's input and the teachers' function are the same every epoch:
-    frozen teacher backbones in eval mode (not ``use_teacher_finetuning``) and a training loader
-    without augmentation (augmented images differ per epoch; :func:`train_cache_for` decides).
-    The first epoch computes and stores each sample's features; later epochs read them. Past
-    ``max_bytes`` the cache is not built and the teachers run on every batch (said in the log).
+    Valid only while a sample's input and the modules' function are the same every epoch:
+    modules frozen in eval mode (for teachers: not ``use_teacher_finetuning``) and a training
+    loader without augmentation (augmented images differ per epoch). The first epoch computes
+    and stores each sample's outputs; later epochs read them. Past ``max_bytes`` the cache is not
+    built and the modules run on every batch (said in the log).
     """
 
-    def __init__(self, num_samples: int, max_bytes: int = DEFAULT_MAX_BYTES):
+    def __init__(self, num_samples: int, max_bytes: int = DEFAULT_MAX_BYTES, what: str = "teacher feature"):
+        self.what = what
         self.num_samples = int(num_samples)
         self.max_bytes = int(max_bytes)
         self._feats: list[torch.Tensor] | None = None
@@ -93,29 +102,29 @@ class TrainFeatureCache:
         self._disabled = False
 
     @torch.no_grad()
-    def features(self, teachers, x: torch.Tensor, idx: torch.Tensor) -> list[torch.Tensor]:
-        """The teachers' ``feat_2d`` of the batch ``x`` (dataset indices ``idx``): stored rows
-        are read, the teachers run only on the samples not stored yet (eval mode: a sample's
-        features do not depend on the rest of its batch)."""
+    def features(self, compute, x: torch.Tensor, idx: torch.Tensor) -> list[torch.Tensor]:
+        """``compute(x)`` of the batch ``x`` (dataset indices ``idx``): stored rows are read,
+        ``compute`` runs only on the samples not stored yet (eval mode: a sample's outputs do not
+        depend on the rest of its batch)."""
         where = idx.cpu()
         if self._feats is not None:
             missing = ~self._filled[where]
             if not bool(missing.any()):
                 return [f[idx.to(f.device)] for f in self._feats]
             rows = missing.nonzero().squeeze(1)
-            new = teacher_features(teachers, x[rows.to(x.device)])
+            new = compute(x[rows.to(x.device)])
             for store, f in zip(self._feats, new):
                 store[idx[rows.to(idx.device)].to(store.device)] = f
             self._filled[where[rows]] = True
             return [f[idx.to(f.device)] for f in self._feats]
-        feats = teacher_features(teachers, x)
+        feats = compute(x)
         if self._disabled:
             return feats
         if self._feats is None:
             nbytes = sum(self.num_samples * f[0].numel() * f.element_size() for f in feats)
             if nbytes > self.max_bytes:
-                log.info("A-step teacher feature cache: %.1f GiB needed, over %.1f GiB; the teachers run on "
-                         "every batch", nbytes / 2**30, self.max_bytes / 2**30)
+                log.info("A-step %s cache: %.1f GiB needed, over %.1f GiB; computed on every batch",
+                         self.what, nbytes / 2**30, self.max_bytes / 2**30)
                 self._disabled = True
                 return feats
             self._feats = [f.new_zeros((self.num_samples, *f.shape[1:])) for f in feats]
@@ -126,11 +135,19 @@ class TrainFeatureCache:
 
 
 def train_cache_for(settings, loader) -> TrainFeatureCache | None:
-    """A :class:`TrainFeatureCache` for ``loader`` (the training loader) when it is valid
-    (frozen teachers, un-augmented training images), else None."""
+    """A :class:`TrainFeatureCache` of the teachers' features for ``loader`` (the A-step's
+    training loader) when it is valid (frozen teachers, un-augmented training images), else None."""
     if settings.use_teacher_finetuning or getattr(loader, "augment", True):
         return None
     return TrainFeatureCache(loader.dataset_size)
+
+
+def student_cache_for(loader) -> TrainFeatureCache | None:
+    """A :class:`TrainFeatureCache` of the frozen student's outputs for ``loader`` when its
+    images are not augmented, else None."""
+    if getattr(loader, "augment", True):
+        return None
+    return TrainFeatureCache(loader.dataset_size, what="student output")
 
 
 @torch.no_grad()
