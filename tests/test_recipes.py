@@ -114,6 +114,21 @@ def test_the_protocol_rows_read_the_teachers_the_protocol_names():
         assert distiller.teachers_used() == expected.get(row.name, [0]), row.name
 
 
+def test_the_protocol_ladder_gives_an_a_step_only_to_rungs_whose_b_step_reads_the_synergy():
+    """The ladder's budget (2 x 15 student epochs) for every rung; 4 A-step epochs per stage for
+    the rungs that train a synergy, none for L0 (avg-KD in the ladder's setting: an A-step there
+    would only add run time to the rung the others' cost is measured against)."""
+    from asib_core.benchmark import load_benchmark
+
+    bench = load_benchmark("cifar10_lowdata")
+    ladder = {r.name: r for r in bench.rows if r.exp.startswith("L")}
+    assert list(ladder) == ["L0 baseline", "L1 IB", "L2 CCCP", "L3 IB+CCCP+T-adapt", "L4 full"]
+    for name, row in ladder.items():
+        cfg = finalize_config(build_effective(row.exp, benchmark_common() + list(row.overrides)))
+        assert (cfg["num_stages"], cfg["student_epochs_per_stage"]) == (2, [15, 15]), name
+        assert cfg["teacher_adapt_epochs"] == (0 if name == "L0 baseline" else 4), name
+
+
 def test_a_paper_recipe_trains_the_auxiliary_modules_like_the_student():
     """One optimiser over student and modules, as RepDistiller: under a paper recipe the
     auxiliary group (here FitNet's regressor) takes the student's LR and weight decay; the
