@@ -34,6 +34,10 @@ TINY = {
     "rows": [{"name": "CE-only", "exp": "quickstart", "overrides": ["method=ce"]},
              {"name": "KD (wrn_16_2)", "exp": "quickstart",
               "overrides": ["experiment.kd_target=teacher", "experiment.kd_teacher_index=1"]},
+             {"name": "L0", "exp": "L0_baseline",      # an ASIB rung without A-step: the cost reference
+              "overrides": ["experiment.num_stages=2", "experiment.student_epochs_per_stage=[1,1]",
+                            "experiment.kd_warmup_epochs=1", "experiment.schedule.lr_warmup_epochs=1",
+                            "experiment.loss_clamp_warmup_epochs=1", "experiment.dataset.num_workers=0"]},
              {"name": "L1 IB", "exp": "L1_ib",          # two stages of one A-step and one B-step epoch
               "overrides": ["experiment.num_stages=2", "experiment.student_epochs_per_stage=[1,1]",
                             "experiment.teacher_adapt_epochs=1", "experiment.ib_epochs_per_stage=1",
@@ -79,9 +83,9 @@ def _distill_runs(work) -> list:
 
 def test_results_page_has_every_row_with_the_numbers_of_the_store(bench):
     runs = _distill_runs(bench["work"])
-    assert len(runs) == 6 and all(r.data.tags["asib.benchmark"] == "tiny-digits" for r in runs)
+    assert len(runs) == 8 and all(r.data.tags["asib.benchmark"] == "tiny-digits" for r in runs)
     table = pd.read_csv(bench["work"] / "results" / "tiny-digits.csv")
-    assert list(table["row"]) == ["CE-only", "KD (wrn_16_2)", "L1 IB"]
+    assert list(table["row"]) == ["CE-only", "KD (wrn_16_2)", "L0", "L1 IB"]
     page = (bench["work"] / "results" / "tiny-digits.md").read_text(encoding="utf-8")
     for _, line in table.iterrows():
         mine = [r for r in runs if r.data.tags["asib.bench_row"] == line["row"]]
@@ -92,8 +96,9 @@ def test_results_page_has_every_row_with_the_numbers_of_the_store(bench):
             assert line[f"{column}_std"] == pytest.approx(statistics.stdev(values))
         rate = statistics.mean(r.data.metrics["train/img_per_s_mean"] for r in mine)
         assert line["img_per_s_mean"] == pytest.approx(rate)
-        exp, method, used = {"CE-only": ("quickstart", "ce", "none"),
-                             "L1 IB": ("L1_ib", "asib", "resnet20+wrn_16_2")}.get(
+        both = "resnet20+wrn_16_2"
+        exp, method, used = {"CE-only": ("quickstart", "ce", "none"), "L0": ("L0_baseline", "asib", both),
+                             "L1 IB": ("L1_ib", "asib", both)}.get(
             line["row"], ("quickstart", "vanilla_kd", "wrn_16_2"))
         assert {r.data.tags["asib.teachers_used"] for r in mine} == {used}
         assert f"| {line['row']} | {exp} | {method} | {used.replace('+', ' + ')} | 2 | 0,1 | " in page
@@ -114,7 +119,7 @@ def test_every_row_is_compared_with_the_reference_row(bench):
         return statistics.mean(tests), statistics.stdev(tests), statistics.mean(times)
 
     ce_mean, ce_sd, ce_time = of("CE-only")
-    for row in ("KD (wrn_16_2)", "L1 IB"):
+    for row in ("KD (wrn_16_2)", "L0", "L1 IB"):
         mean, sd, time = of(row)
         assert table.loc[row, "delta_test"] == pytest.approx(mean - ce_mean)
         assert table.loc[row, "delta_test_se"] == pytest.approx(((sd ** 2 + ce_sd ** 2) / 2) ** 0.5)
@@ -134,7 +139,7 @@ def test_page_states_what_the_runs_cost(bench):
     runs = _distill_runs(bench["work"])
     page = (bench["work"] / "results" / "tiny-digits.md").read_text(encoding="utf-8")
     total = sum((r.info.end_time - r.info.start_time) / 1000 for r in runs)
-    assert f"  - 6 student runs: {clock(total)} (h:mm:ss) of run time in all" in page
+    assert f"  - 8 student runs: {clock(total)} (h:mm:ss) of run time in all" in page
     for run in all_runs(bench["work"]):
         if run.data.tags.get("step") == "finetune":
             seconds = client.get_run(run.info.run_id).data.metrics["total_train_time_sec"]
@@ -159,7 +164,8 @@ def test_asib_section_shows_the_synergy_per_a_step_epoch_from_the_histories(benc
             shares.setdefault(stage[m.step], []).append(100 * m.value)
     results = bench["work"] / "results"
     epochs = pd.read_csv(results / "tiny-digits-synergy-epochs.csv")
-    assert list(zip(epochs["stage"], epochs["epoch"], epochs["n"])) == [(1, 1, 2), (2, 1, 2)]
+    assert list(zip(epochs["stage"], epochs["epoch"], epochs["n"], epochs["row"])) == [(1, 1, 2, "L1 IB"),
+                                                                                   (2, 1, 2, "L1 IB")]
     for _, line in epochs.iterrows():
         for name in names:
             assert line[name] == pytest.approx(statistics.mean(expected[(line["stage"], name)]))
@@ -167,10 +173,13 @@ def test_asib_section_shows_the_synergy_per_a_step_epoch_from_the_histories(benc
     got_shares = pd.read_csv(results / "tiny-digits-synergy-shares.csv")
     assert {s: pytest.approx(statistics.mean(v)) for s, v in shares.items()} == dict(
         zip(got_shares["stage"], got_shares["share"]))
-    cost = pd.read_csv(results / "tiny-digits-asib-cost.csv")
-    assert cost[["row", "n", "student_epochs", "a_step_epochs"]].values.tolist() == [["L1 IB", 2, 2.0, 2.0]]
-    assert cost["wall_time_s_mean"][0] == pytest.approx(
-        statistics.mean((r.info.end_time - r.info.start_time) / 1000 for r in l1))
+    cost = pd.read_csv(results / "tiny-digits-asib-cost.csv")      # every ASIB rung, against the first (L0)
+    assert cost[["row", "n", "student_epochs", "a_step_epochs"]].values.tolist() == [["L0", 2, 2.0, 0.0],
+                                                                                    ["L1 IB", 2, 2.0, 2.0]]
+    l0 = [r for r in _distill_runs(bench["work"]) if r.data.tags["asib.bench_row"] == "L0"]
+    times = [statistics.mean((r.info.end_time - r.info.start_time) / 1000 for r in rs) for rs in (l0, l1)]
+    assert cost["wall_time_s_mean"].tolist() == pytest.approx(times)
+    assert cost["ratio_to_first"].tolist() == pytest.approx([1.0, times[1] / times[0]])
     page = (results / "tiny-digits.md").read_text(encoding="utf-8")
     assert "| L1 IB | 2 | 1 | 2 | " in page and "| `resnet20` | `wrn_16_2` | ensemble | oracle |" in page
     assert "![synergy against the teachers per A-step epoch](tiny-digits-synergy.png)" in page
@@ -227,7 +236,7 @@ def _teacher_outputs(work, split: str):
 
 def test_progress_lines_and_an_interrupted_benchmark_continues(bench):
     lines = [ln for ln in bench["first"].splitlines() if ln.startswith("[")]
-    assert [ln.split(" ")[0] for ln in lines] == [f"[{i}/6]" for i in range(1, 7)]
+    assert [ln.split(" ")[0] for ln in lines] == [f"[{i}/8]" for i in range(1, 9)]
     assert all("elapsed" in ln for ln in lines) and "ETA" in lines[1]
     assert "CE-only seed 0: reused" in lines[0]                 # made by the interrupted command
     assert all("trained in" in ln for ln in lines[1:])
@@ -238,8 +247,8 @@ def test_progress_lines_and_an_interrupted_benchmark_continues(bench):
 def test_rerun_reuses_every_run(bench):
     assert bench["after_second"] == bench["after_first"]        # no new teacher, evaluation or student run
     lines = [ln for ln in bench["second"].splitlines() if ln.startswith("[")]
-    assert len(lines) == 6 and all(": reused" in ln for ln in lines)
-    assert "0 runs trained, 6 reused" in bench["second"]
+    assert len(lines) == 8 and all(": reused" in ln for ln in lines)
+    assert "0 runs trained, 8 reused" in bench["second"]
 
 
 def test_report_alone_writes_the_same_page(bench, tmp_path):

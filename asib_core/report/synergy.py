@@ -9,8 +9,9 @@ these, the page shows:
 - per stage and A-step epoch, the mean over the row's seeds of each accuracy and of
   synergy - ensemble (the issue's question: does the synergy beat the ensemble it is built on?);
 - per stage, the mean B-step share of the synergy;
-- the cost: each row's run time against the first ASIB row of the protocol (the ladder's L0),
-  with the student and A-step epochs that make it, so a ratio is read at equal student epochs.
+- the cost: each ASIB row's run time (method ``asib``, with or without an A-step) against the
+  first one of the protocol (the ladder's L0), with the student and A-step epochs that make it,
+  so a ratio is read at equal student epochs.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .tables import stats
 from .writers import markdown_table, mean_std, number
 
 ACC_PREFIX, STAGE_KEY, SHARE_KEY = "a_step_val/", "stage", "b_step/syn_share"
+ASIB_METHOD = "asib"
 
 
 def accuracy_names(n_teachers: int) -> list[str]:
@@ -71,9 +73,10 @@ def student_epochs(value) -> float:
 
 
 def synergy_tables(runs: pd.DataFrame, row_order: list[str]) -> dict[str, pd.DataFrame]:
-    """``epochs`` (row, stage, epoch, n, mean accuracies in %, synergy - ensemble), ``shares``
-    (row, stage, n, mean B-step share in %) and ``cost`` (row, n, student and A-step epochs,
-    run time, ratio to the first row here) for the rows of ``runs`` with A-step accuracies."""
+    """``epochs`` (row, stage, epoch, n, mean accuracies in %, synergy - ensemble) and ``shares``
+    (row, stage, n, mean B-step share in %) for the rows of ``runs`` with A-step accuracies;
+    ``cost`` (row, n, student and A-step epochs, run time, ratio to the first row here) for every
+    ASIB row."""
     empty = {"epochs": pd.DataFrame(), "shares": pd.DataFrame(), "cost": pd.DataFrame()}
     if runs.empty:
         return empty
@@ -82,27 +85,27 @@ def synergy_tables(runs: pd.DataFrame, row_order: list[str]) -> dict[str, pd.Dat
     histories = metric_histories(list(runs["run_id"]), keys)
     epochs, shares, cost = [], [], []
     for row in row_order:
-        part = runs[runs["row"] == row]
-        steps = {r: run_a_steps(histories.get(r, {}), names) for r in part["run_id"]}
-        steps = {r: f for r, f in steps.items() if not f.empty}
-        if not steps:
+        mine = runs[(runs["row"] == row) & (runs["method"] == ASIB_METHOD)]
+        if mine.empty:
             continue
-        both = pd.concat(steps.values(), ignore_index=True)
-        for (stage, epoch), group in both.groupby(["stage", "epoch"], sort=True):
-            line = {"row": row, "stage": int(stage), "epoch": int(epoch), "n": int(len(group))}
-            line.update({n: 100.0 * group[n].mean() for n in names})
-            line["synergy_minus_ensemble"] = line["synergy"] - line["ensemble"]
-            epochs.append(line)
-        per_run = pd.DataFrame({r: run_shares(histories.get(r, {})) for r in steps})
-        for stage, values in per_run.iterrows():
-            mean, _, n = stats(values)
-            shares.append({"row": row, "stage": int(stage), "n": n, "share": 100.0 * mean})
-        mine = part[part["run_id"].isin(steps)]
+        steps = {r: run_a_steps(histories.get(r, {}), names) for r in mine["run_id"]}
+        steps = {r: f for r, f in steps.items() if not f.empty}
+        if steps:
+            both = pd.concat(steps.values(), ignore_index=True)
+            for (stage, epoch), group in both.groupby(["stage", "epoch"], sort=True):
+                line = {"row": row, "stage": int(stage), "epoch": int(epoch), "n": int(len(group))}
+                line.update({n: 100.0 * group[n].mean() for n in names})
+                line["synergy_minus_ensemble"] = line["synergy"] - line["ensemble"]
+                epochs.append(line)
+            per_run = pd.DataFrame({r: run_shares(histories.get(r, {})) for r in steps})
+            for stage, values in per_run.iterrows():
+                mean, _, n = stats(values)
+                shares.append({"row": row, "stage": int(stage), "n": n, "share": 100.0 * mean})
         time_mean, time_std, n = stats(mine["wall_time_s"])
         per_stage = mine.get("params.student_epochs_per_stage")
         cost.append({"row": row, "n": n,
                      "student_epochs": float("nan") if per_stage is None else per_stage.map(student_epochs).mean(),
-                     "a_step_epochs": sum(len(f) for f in steps.values()) / len(steps),
+                     "a_step_epochs": sum(len(f) for f in steps.values()) / len(mine),
                      "wall_time_s_mean": time_mean, "wall_time_s_std": time_std})
     cost_frame = pd.DataFrame(cost)
     if not cost_frame.empty:
@@ -119,18 +122,10 @@ def teacher_labels(runs: pd.DataFrame, n: int) -> list[str]:
 
 def synergy_markdown(tables: dict[str, pd.DataFrame], runs: pd.DataFrame, figure: str | None) -> str:
     epochs, shares, cost = tables["epochs"], tables["shares"], tables["cost"]
-    if epochs.empty:
-        return "_No ASIB runs with A-step accuracies in the store yet._\n"
-    n_teachers = teacher_count(runs)
-    names = accuracy_names(n_teachers)
-    header = ["row", "stage", "A-step epoch", "n", "synergy", *teacher_labels(runs, n_teachers),
-              "ensemble", "oracle", "synergy - ensemble"]
-    rows = [[e["row"], e["stage"], e["epoch"], e["n"], *(number(e[n]) for n in names),
-             number(e["synergy_minus_ensemble"], signed=True)] for _, e in epochs.iterrows()]
-    parts = ["Validation top-1 (%) at the end of each A-step epoch, mean over the row's seeds (n).", "",
-             markdown_table(header, rows)]
-    if figure:
-        parts += [f"![synergy against the teachers per A-step epoch]({figure})", ""]
+    if cost.empty:
+        return "_No ASIB runs in the store yet._\n"
+    parts = ["_No ASIB run with A-step accuracies in the store yet._", ""] if epochs.empty else \
+        synergy_epochs_markdown(epochs, runs, figure)
     if not shares.empty:
         parts += ["Share of training samples the synergy taught in the B-step (%, mean over the stage's "
                   "epochs and the seeds):", "",
@@ -144,6 +139,20 @@ def synergy_markdown(tables: dict[str, pd.DataFrame], runs: pd.DataFrame, figure
                                mean_std(c["wall_time_s_mean"], c["wall_time_s_std"], 0),
                                number(c["ratio_to_first"])] for _, c in cost.iterrows()])]
     return "\n".join(parts)
+
+
+def synergy_epochs_markdown(epochs: pd.DataFrame, runs: pd.DataFrame, figure: str | None) -> list[str]:
+    n_teachers = teacher_count(runs)
+    names = accuracy_names(n_teachers)
+    header = ["row", "stage", "A-step epoch", "n", "synergy", *teacher_labels(runs, n_teachers),
+              "ensemble", "oracle", "synergy - ensemble"]
+    rows = [[e["row"], e["stage"], e["epoch"], e["n"], *(number(e[n]) for n in names),
+             number(e["synergy_minus_ensemble"], signed=True)] for _, e in epochs.iterrows()]
+    parts = ["Validation top-1 (%) at the end of each A-step epoch, mean over the row's seeds (n).", "",
+             markdown_table(header, rows)]
+    if figure:
+        parts += [f"![synergy against the teachers per A-step epoch]({figure})", ""]
+    return parts
 
 
 def synergy_figure(tables: dict[str, pd.DataFrame], runs: pd.DataFrame):
