@@ -1,0 +1,170 @@
+"""Can the synergy beat the teachers' ensemble, and on which data must it learn to? (issue 13)
+
+The A-step trains the synergy (IB_MBM + head on the teachers' features, queried by the frozen
+student) on the student's training images. In the benchmark protocol the teachers trained on
+those very images, so there their features are nearly separable and they rarely err: a synergy
+fitted there learns little about *when* each teacher is wrong, which is what it would need to
+beat their ensemble. This script tests that explanation directly.
+
+It builds an ASIB experiment's distiller exactly as ``distill`` does (teachers from their
+checkpoints, a freshly initialised student as the first A-step sees it), computes the frozen
+student's query and the teachers' tokens once (eval mode, no augmentation) for the training
+subset and the validation split, and then trains IB_MBM + synergy head from the same initial
+weights, with the A-step's optimiser (AdamW, ``a_step_lr``, ``ib_mbm_lr_factor``,
+``a_step_weight_decay``) on the synergy cross-entropy alone, for ``--epochs`` epochs on
+
+  (a) the training subset (what the A-step does), and
+  (b) half A of the validation split (images no teacher trained on),
+
+and prints, per epoch, both synergies' top-1 on validation half B next to each teacher's, the
+ensemble's (the B-step's ensemble target at temperature 1) and the oracle's on half B. Half B is
+never trained on by either synergy.
+
+    python benchmarks/synergy_split_probe.py --teacher1 T1.pth --teacher2 T2.pth \\
+        --data "experiment.dataset.root=<CIFAR-10 image folder>" [--exp L1_ib] [--epochs 30]
+
+The overrides after ``--data`` (and ``--set``) are Hydra overrides on top of the low-data
+protocol's common ones (configs/benchmark/cifar10_lowdata.yaml). Prints figures, asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import shlex
+import time
+
+import torch
+import torch.nn.functional as F
+
+from asib_core.benchmark import load_benchmark
+from asib_core.config import resolve_experiment
+from asib_core.config.finalize import finalize_with_runtime
+from asib_core.data import build_data
+from asib_core.methods import build_distiller
+from asib_core.methods.asib.targets import ensemble_target
+from asib_core.methods.asib.teacher_cache import teacher_features
+from asib_core.pipeline.models import build_student, load_teacher
+from asib_core.pipeline.teachers import resolve_teachers
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--teacher1", required=True, help="teacher1 checkpoint (.pth)")
+    ap.add_argument("--teacher2", required=True, help="teacher2 checkpoint (.pth)")
+    ap.add_argument("--data", default="", help="Hydra overrides for the data (quoted, space separated)")
+    ap.add_argument("--set", default="", help="more Hydra overrides (quoted, space separated)")
+    ap.add_argument("--exp", default="L1_ib", help="the ASIB experiment whose synergy is probed")
+    ap.add_argument("--benchmark", default="cifar10_lowdata", help="whose `common` overrides to start from")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args()
+
+
+@torch.no_grad()
+def frozen_inputs(distiller, loader) -> dict[str, torch.Tensor]:
+    """The student's query, the teachers' tokens and logits, and the labels of every sample."""
+    key = distiller.settings.feat_kd_key
+    parts: dict[str, list] = {"q": [], "tokens": [], "t_logits": [], "y": []}
+    for x, y, *_ in loader:
+        feats = teacher_features(distiller.teachers, x)
+        parts["q"].append(distiller.student(x)[key].float())
+        parts["tokens"].append(torch.stack([t.float() for t in distiller.tokens_from_features(feats)], 1))
+        parts["t_logits"].append(torch.stack([t.float() for t in distiller.teacher_logits(feats)], 0))
+        parts["y"].append(y)
+    return {k: torch.cat(v, 1 if k == "t_logits" else 0) for k, v in parts.items()}
+
+
+def subset(inputs: dict, rows: torch.Tensor) -> dict:
+    return {k: (v[:, rows] if k == "t_logits" else v[rows]) for k, v in inputs.items()}
+
+
+def reference_accuracies(distiller, cfg: dict, held_out: dict) -> dict[str, float]:
+    logits = list(held_out["t_logits"])
+    y = held_out["y"]
+    right = [lg.argmax(1) == y for lg in logits]
+    out = {f"teacher{i + 1}": float(r.float().mean()) for i, r in enumerate(right)}
+    ens = ensemble_target(distiller.ensemble_mode, cfg, logits, 1.0)[0]
+    out["ensemble"] = float((ens.argmax(1) == y).float().mean())
+    out["oracle"] = float(torch.stack(right).any(0).float().mean())
+    return out
+
+
+def train_synergy(distiller, initial: dict, train: dict, held_out: dict, epochs: int, batch_size: int,
+                  seed: int) -> list[tuple[float, float]]:
+    """A fresh IB_MBM + head (``initial`` weights) trained on ``train``; per epoch (train top-1,
+    held-out top-1)."""
+    s = distiller.settings
+    ib, head = distiller.ib_mbm, distiller.synergy_head
+    ib.load_state_dict(initial["ib_mbm"])
+    head.load_state_dict(initial["head"])
+    opt = torch.optim.AdamW([
+        {"params": list(ib.parameters()), "lr": s.a_step_lr * s.ib_mbm_lr_factor},
+        {"params": list(head.parameters()), "lr": s.a_step_lr}], weight_decay=s.a_step_weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    n = train["y"].shape[0]
+    curve = []
+    for _ in range(epochs):
+        ib.train()
+        head.train()
+        correct = 0
+        for rows in torch.randperm(n, generator=gen).split(batch_size):
+            out = ib(train["q"][rows], train["tokens"][rows])
+            logits = head(out.z)
+            loss = F.cross_entropy(logits, train["y"][rows])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            correct += int((logits.argmax(1) == train["y"][rows]).sum())
+        ib.eval()
+        head.eval()
+        with torch.no_grad():
+            pred = head(ib(held_out["q"], held_out["tokens"], sample=False).mu).argmax(1)
+        curve.append((correct / n, float((pred == held_out["y"]).float().mean())))
+    return curve
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(args.seed)
+    overrides = [*load_benchmark(args.benchmark).common, *shlex.split(args.data), *shlex.split(args.set),
+                 f"experiment.teacher1_ckpt={args.teacher1}", f"experiment.teacher2_ckpt={args.teacher2}",
+                 f"experiment.seed={args.seed}"]
+    cfg = resolve_experiment(args.exp, overrides).cfg
+    data = build_data(cfg, torch.device("cpu"))
+    sources = resolve_teachers(cfg)
+    finalize_with_runtime(cfg, num_classes=int(data.num_classes), **{f"{s.role}_ckpt": str(s.path) for s in sources})
+    teachers = [load_teacher(cfg, s.role, s.path, data.num_classes)[0].eval() for s in sources]
+    student = build_student(cfg, data.num_classes)
+    distiller = build_distiller(cfg, student, teachers).eval()
+    start = time.perf_counter()
+    bs = args.batch_size
+    train = frozen_inputs(distiller, data.loader("train", batch_size=bs, train=False, augment=False))
+    val = frozen_inputs(distiller, data.loader("val", batch_size=bs))
+    order = torch.randperm(val["y"].shape[0], generator=torch.Generator().manual_seed(args.seed))
+    half_a, half_b = subset(val, order[: len(order) // 2]), subset(val, order[len(order) // 2:])
+    print(f"{args.exp}: {train['y'].shape[0]} training images, validation halves of {half_a['y'].shape[0]} "
+          f"and {half_b['y'].shape[0]}; frozen inputs in {time.perf_counter() - start:.0f} s")
+    ref = reference_accuracies(distiller, cfg, half_b)
+    print("validation half B: " + ", ".join(f"{k} {100 * v:.2f} %" for k, v in ref.items()))
+    for label, part in (("training subset", train), ("half A", half_a)):
+        print(f"  teachers on {label}: " + ", ".join(
+            f"{k} {100 * v:.2f} %" for k, v in reference_accuracies(distiller, cfg, part).items()))
+    initial = {"ib_mbm": copy.deepcopy(distiller.ib_mbm.state_dict()),
+               "head": copy.deepcopy(distiller.synergy_head.state_dict())}
+    curves = {label: train_synergy(distiller, initial, part, half_b, args.epochs, bs, args.seed)
+              for label, part in (("train", train), ("valA", half_a))}
+    print(f"\nsynergy top-1 (%) on validation half B by epoch (ensemble {100 * ref['ensemble']:.2f}, "
+          f"best teacher {100 * max(ref['teacher1'], ref['teacher2']):.2f}, oracle {100 * ref['oracle']:.2f}); "
+          "in brackets its top-1 on its own training data")
+    print("epoch | trained on the training subset | trained on validation half A")
+    for e, ((tr_a, ho_a), (tr_b, ho_b)) in enumerate(zip(curves["train"], curves["valA"]), start=1):
+        print(f"{e:5d} | {100 * ho_a:6.2f} ({100 * tr_a:6.2f}) | {100 * ho_b:6.2f} ({100 * tr_b:6.2f})")
+    for label, curve in curves.items():
+        best = max(h for _, h in curve)
+        print(f"{label}: best {100 * best:.2f} %, last {100 * curve[-1][1]:.2f} %, "
+              f"best - ensemble {100 * (best - ref['ensemble']):+.2f} points")
+
+
+if __name__ == "__main__":
+    main()
