@@ -20,8 +20,21 @@ and prints, per epoch, both synergies' top-1 on validation half B next to each t
 ensemble's (the B-step's ensemble target at temperature 1) and the oracle's on half B. Half B is
 never trained on by either synergy.
 
+Two more questions it answers on the same halves:
+
+* ``--student run.pt``: the query of a *trained* student (a distill run's ``model/student.pt``),
+  as a later stage's A-step sees it, instead of a freshly initialised one. Keys the file lacks
+  (e.g. an avg-KD student has no ``distill_adapter``) keep their fresh weights and are listed.
+* Does *any* learned per-sample combination of the two teachers beat their mean? Two
+  low-capacity combiners of the teachers' log-probabilities (no image, no query) are fitted on the
+  same two sources: ``gate`` (a linear layer gives per-sample teacher weights; the mixture of
+  probabilities starts as exactly the ensemble) and ``stack`` (a linear layer from both teachers'
+  log-probabilities to the logits). If neither beats the ensemble on half B, the ceiling is in the
+  teachers' outputs and the data size, not in the synergy's architecture.
+
     python benchmarks/synergy_split_probe.py --teacher1 T1.pth --teacher2 T2.pth \\
-        --data "experiment.dataset.root=<CIFAR-10 image folder>" [--exp L1_ib] [--epochs 30]
+        --data "experiment.dataset.root=<CIFAR-10 image folder>" [--exp L1_ib] [--epochs 30] \\
+        [--student <distill run>/artifacts/model/student.pt]
 
 The overrides after ``--data`` (and ``--set``) are Hydra overrides on top of the low-data
 protocol's common ones (configs/benchmark/cifar10_lowdata.yaml). Prints figures, asserts nothing.
@@ -58,7 +71,17 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--student", default="", help="a distill run's model/student.pt whose student queries "
+                    "(default: a freshly initialised student, as the first A-step sees it)")
+    ap.add_argument("--combiner-steps", type=int, default=300, help="full-batch steps of each combiner")
     return ap.parse_args()
+
+
+def load_trained_student(student: torch.nn.Module, path: str) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=True)["deploy"]["student"]
+    result = student.load_state_dict(state, strict=False)
+    print(f"student weights from {path}; kept fresh: {list(result.missing_keys) or 'none'}; "
+          f"ignored: {list(result.unexpected_keys) or 'none'}")
 
 
 @torch.no_grad()
@@ -124,6 +147,45 @@ def train_synergy(distiller, initial: dict, train: dict, held_out: dict, epochs:
     return curve
 
 
+class Combiner(torch.nn.Module):
+    """A per-sample combination of the teachers' log-probabilities ``[K, N, C]``.
+
+    ``gate``: softmax(linear(features)) weights the teachers' probabilities; zero-initialised, so it
+    starts as the probability mean. ``stack``: linear(features) are the logits."""
+
+    def __init__(self, kind: str, teachers: int, classes: int):
+        super().__init__()
+        self.kind = kind
+        self.layer = torch.nn.Linear(teachers * classes, teachers if kind == "gate" else classes)
+        torch.nn.init.zeros_(self.layer.weight)
+        torch.nn.init.zeros_(self.layer.bias)
+
+    def forward(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of the combination, ``[N, C]``."""
+        feats = log_probs.permute(1, 0, 2).flatten(1)
+        if self.kind == "stack":
+            return F.log_softmax(self.layer(feats), 1)
+        weights = F.log_softmax(self.layer(feats), 1).t().unsqueeze(2)
+        return torch.logsumexp(weights + log_probs, 0)
+
+
+def train_combiner(kind: str, train: dict, held_out: dict, steps: int) -> list[float]:
+    """Held-out top-1 every ``steps // 30`` full-batch AdamW steps of a combiner fitted on ``train``."""
+    lp_train, lp_held = (F.log_softmax(d["t_logits"], 2) for d in (train, held_out))
+    comb = Combiner(kind, lp_train.shape[0], lp_train.shape[2])
+    opt = torch.optim.AdamW(comb.parameters(), lr=0.05, weight_decay=1e-4)
+    curve = []
+    for step in range(1, steps + 1):
+        loss = F.nll_loss(comb(lp_train), train["y"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % max(1, steps // 30) == 0:
+            with torch.no_grad():
+                curve.append(float((comb(lp_held).argmax(1) == held_out["y"]).float().mean()))
+    return curve
+
+
 def main() -> None:
     args = parse_args()
     torch.manual_seed(args.seed)
@@ -136,6 +198,8 @@ def main() -> None:
     finalize_with_runtime(cfg, num_classes=int(data.num_classes), **{f"{s.role}_ckpt": str(s.path) for s in sources})
     teachers = [load_teacher(cfg, s.role, s.path, data.num_classes)[0].eval() for s in sources]
     student = build_student(cfg, data.num_classes)
+    if args.student:
+        load_trained_student(student, args.student)
     distiller = build_distiller(cfg, student, teachers).eval()
     start = time.perf_counter()
     bs = args.batch_size
@@ -164,6 +228,12 @@ def main() -> None:
         best = max(h for _, h in curve)
         print(f"{label}: best {100 * best:.2f} %, last {100 * curve[-1][1]:.2f} %, "
               f"best - ensemble {100 * (best - ref['ensemble']):+.2f} points")
+    print("\nlow-capacity combiners of the teachers' log-probabilities, top-1 (%) on validation half B")
+    for kind in ("gate", "stack"):
+        for label, part in (("training subset", train), ("half A", half_a)):
+            curve = train_combiner(kind, part, half_b, args.combiner_steps)
+            print(f"{kind:5s} fitted on {label:15s}: best {100 * max(curve):.2f}, last {100 * curve[-1]:.2f}, "
+                  f"best - ensemble {100 * (max(curve) - ref['ensemble']):+.2f} points")
 
 
 if __name__ == "__main__":
