@@ -146,6 +146,21 @@ def test_page_states_what_the_runs_cost(bench):
             assert f"  - teacher `{run.data.tags['teacher']}`: {clock(seconds)} of training" in page
 
 
+def test_commands_fed_row_by_row_collapse_into_one_line_per_command():
+    """A protocol fed one (row, seed) at a time records dozens of commands; the page merges those
+    that differ only in ``rows=`` / ``seeds=``, rows in the benchmark's order, seeds ascending."""
+    from asib_core.report.benchmark import collapsed_commands
+
+    base = "python -m pipelines.benchmark name=p"
+    cmds = sorted([f"{base} 'rows=KD (r20)' seeds=1 report=false", f"{base} 'rows=KD (r20)' seeds=0 report=false",
+                   f"{base} rows=CE-only seeds=10,2 report=false", f"{base} rows=CE-only seeds=0 report=false",
+                   base, f"{base} rows=CE-only seeds=0"])
+    assert collapsed_commands(cmds, ["CE-only", "KD (r20)"]) == [
+        f"`{base}`",
+        f"`{base} rows=<row> seeds=<seed> report=false`, run for CE-only: seeds 0, 2, 10; KD (r20): seeds 0, 1",
+        f"`{base} rows=<row> seeds=<seed>`, run for CE-only: seeds 0"]
+
+
 def test_asib_section_shows_the_synergy_per_a_step_epoch_from_the_histories(bench):
     """Per stage and A-step epoch: the seeds' mean of the synergy's, each teacher's, the
     ensemble's and the oracle's validation accuracy; per stage the B-step synergy share; the cost

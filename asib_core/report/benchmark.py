@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,7 +148,7 @@ def curves_figure(bench: Benchmark, runs: pd.DataFrame):
     return plots.overview_figure([(name, part) for name, part in groups if len(part)], histories)
 
 
-def provenance(runs: pd.DataFrame, teacher_run: str | None) -> dict[str, list[str]]:
+def provenance(runs: pd.DataFrame, teacher_run: str | None, row_order: list[str] = ()) -> dict[str, list[str]]:
     """The commits, machines and commands the runs (and the teachers' evaluation) recorded."""
     frames = [runs]
     if teacher_run:
@@ -167,7 +168,45 @@ def provenance(runs: pd.DataFrame, teacher_run: str | None) -> dict[str, list[st
     else:
         commits = [f"`{c}`" for c in commits]
     return {"commits": commits, "machines": distinct(f"tags.{MACHINE_TAG}"),
-            "commands": distinct(f"tags.{COMMAND_TAG}"), "compute": compute_lines(runs, teacher_run)}
+            "commands": collapsed_commands(distinct(f"tags.{COMMAND_TAG}"), row_order),
+            "compute": compute_lines(runs, teacher_run)}
+
+
+SELECTORS = ("rows", "seeds")
+
+
+def collapsed_commands(commands: list[str], row_order: list[str] = ()) -> list[str]:
+    """The recorded commands (markdown), those that differ only in their ``rows=`` / ``seeds=``
+    arguments merged into one line with ``<row>`` / ``<seed>`` in their place and the pairs run
+    (rows in ``row_order``, seeds ascending): a protocol fed row by row and seed by seed reads as
+    one command, not dozens."""
+    groups: dict[str, dict[str, set[str]]] = {}
+    for cmd in commands:
+        try:
+            words = shlex.split(cmd)
+        except ValueError:
+            words = []
+        picked = {w.split("=", 1)[0]: w.split("=", 1)[1] for w in words if w.split("=", 1)[0] in SELECTORS}
+        if not picked:
+            groups.setdefault(cmd, {})
+            continue
+        shown = [f"{w.split('=', 1)[0]}=<{w.split('=', 1)[0][:-1]}>" if w.split("=", 1)[0] in SELECTORS
+                 else shlex.quote(w) for w in words]
+        seeds = groups.setdefault(" ".join(shown), {}).setdefault(picked.get("rows", "(all rows)"), set())
+        seeds.update(picked.get("seeds", "(all seeds)").split(","))
+    lines = []
+    for cmd, pairs in groups.items():
+        line = f"`{cmd}`"
+        if pairs:
+            def seed_key(seed: str) -> tuple:
+                return (0, int(seed), "") if seed.isdigit() else (1, 0, seed)
+
+            def row_key(row: str) -> tuple:
+                return (row_order.index(row), "") if row in row_order else (len(row_order), row)
+            line += ", run for " + "; ".join(f"{row}: seeds {', '.join(sorted(pairs[row], key=seed_key))}"
+                                              for row in sorted(pairs, key=row_key))
+        lines.append(line)
+    return lines
 
 
 def compute_lines(runs: pd.DataFrame, teacher_run: str | None) -> list[str]:
@@ -206,7 +245,7 @@ def write_page(bench: Benchmark, out_dir: str | Path = "docs/results") -> Page:
     curves = figure(curves_figure(bench, runs), "val-curves")
     asib = synergy.synergy_tables(runs, [r.name for r in bench.rows])
     asib_figure = figure(synergy.synergy_figure(asib, runs), "synergy") if not asib["epochs"].empty else None
-    where = provenance(runs, teacher_run)
+    where = provenance(runs, teacher_run, [r.name for r in bench.rows])
     report_cmd = f"python -m pipelines.report benchmark={bench.key} out={out_dir}"
 
     def items(values: list[str], code: bool = False) -> str:
@@ -221,7 +260,7 @@ def write_page(bench: Benchmark, out_dir: str | Path = "docs/results") -> Page:
         f"- generated: {dt.date.today().isoformat()} at commit `{git_commit()}`",
         "- commits of the runs:", items(where["commits"]),
         "- machines of the runs (CPU, cores, torch):", items(where["machines"]),
-        "- commands that made the runs:", items(where["commands"], code=True),
+        "- commands that made the runs:", items(where["commands"]),
         "- compute:", items(where["compute"]),
         f"- command that made this page: `{report_cmd}`", "",
         "## Teachers", "", teachers_markdown(bench, metrics),
