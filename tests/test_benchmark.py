@@ -133,7 +133,7 @@ def test_every_row_is_compared_with_the_reference_row(bench):
 def test_page_states_what_the_runs_cost(bench):
     """The compute lines: the student runs' summed run time and each teacher's training time
     (the sum of its fine-tune epochs), recomputed from the store."""
-    from asib_core.benchmark.runner import clock
+    from asib_core.report.writers import clock
 
     client = MlflowClient()
     runs = _distill_runs(bench["work"])

@@ -8,7 +8,6 @@ Every run is tagged ``asib.benchmark`` (the benchmark's name) and ``asib.bench_r
 """
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import platform
@@ -24,6 +23,7 @@ from asib_core.methods import get_method
 from asib_core.pipeline.chain import reusable_run
 from asib_core.pipeline.common import git_commit, setup_logging
 from asib_core.pipeline.distill import run_distill, run_identity
+from asib_core.report.writers import clock
 from asib_core.tracking import configure_tracking, experiment_name, open_run
 from asib_core.tracking.environ import scoped_environ
 
@@ -123,10 +123,6 @@ def plan_runs(bench, rows, seeds, root, configs, teachers: list[Teacher]) -> lis
                     item.run_id, item.reused, item.metrics = found.info.run_id, True, dict(found.data.metrics)
             plan.append(item)
     return plan
-
-
-def clock(seconds: float) -> str:
-    return str(dt.timedelta(seconds=int(round(seconds))))
 
 
 class Progress:

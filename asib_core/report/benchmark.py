@@ -21,7 +21,6 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from asib_core.benchmark.runner import clock
 from asib_core.benchmark.spec import BENCH_TAG, COMMAND_TAG, MACHINE_TAG, ROW_TAG, TEACHERS_STEP, Benchmark
 from asib_core.pipeline.common import TEACHERS_USED_TAG, git_commit
 from asib_core.tracking import search_finished
@@ -29,7 +28,7 @@ from asib_core.tracking import search_finished
 from . import plots, synergy
 from .query import load_runs, metric_histories
 from .tables import seeds_text, stats
-from .writers import DASH, markdown_table, mean_std, number
+from .writers import DASH, clock, markdown_table, mean_std, number
 
 #: page column -> (run column, header, decimals); accuracies in %
 COLUMNS = (("val_acc", "val top-1, best epoch (%)", 2),

@@ -1,6 +1,7 @@
 """Markdown renderings of the report's tables (CSV files are the tables as they are)."""
 from __future__ import annotations
 
+import datetime as dt
 import math
 
 import pandas as pd
@@ -9,6 +10,11 @@ from .query import VALUE_COLUMNS
 from .tables import LADDER
 
 DASH = "-"
+
+
+def clock(seconds: float) -> str:
+    """``h:mm:ss`` of a duration in seconds."""
+    return str(dt.timedelta(seconds=int(round(seconds))))
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
