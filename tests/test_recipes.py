@@ -51,6 +51,8 @@ EXPECTED = {
     "simkd_paper": ("simkd", {"ce_alpha": 0.0, "kd_alpha": 0.0, "feature_weight": 1.0}),
     "sskd_paper": ("sskd", {"ce_alpha": 0.1, "kd_alpha": 0.9, "tau": 4.0, "kd_target": "teacher",
                             "feature_weight": 2.7, "contrastive_weight": 10.0, "sskd_pretrain_epochs": 60}),
+    # ASIB on avg-KD's paper recipe (the protocol's fair test of the synergy, issue 13)
+    "asib_kd_paper": ("asib", {"ce_alpha": 0.1, "kd_alpha": 0.9, "tau": 4.0}),
 }
 CPU = torch.device("cpu")
 
@@ -122,11 +124,40 @@ def test_the_protocol_ladder_gives_an_a_step_only_to_rungs_whose_b_step_reads_th
 
     bench = load_benchmark("cifar10_lowdata")
     ladder = {r.name: r for r in bench.rows if r.exp.startswith("L")}
-    assert list(ladder) == ["L0 baseline", "L1 IB", "L2 CCCP", "L3 IB+CCCP+T-adapt", "L4 full"]
+    assert list(ladder) == ["L0 baseline", "L1 IB", "L2 CCCP", "L3 IB+CCCP+T-adapt", "L4 full",
+                            "L0 on avg-KD's recipe", "L1 IB on avg-KD's recipe", "L4 full on avg-KD's recipe"]
     for name, row in ladder.items():
         cfg = finalize_config(build_effective(row.exp, benchmark_common() + list(row.overrides)))
         assert (cfg["num_stages"], cfg["student_epochs_per_stage"]) == (2, [15, 15]), name
-        assert cfg["teacher_adapt_epochs"] == (0 if name == "L0 baseline" else 4), name
+        assert cfg["teacher_adapt_epochs"] == (0 if name.startswith("L0") else 4), name
+
+
+def test_the_ladder_on_avg_kds_recipe_differs_from_the_seeds_rung_only_in_the_recipe():
+    """The fair test of the synergy: each "on avg-KD's recipe" row is its seed rung (same
+    experiment, same overrides) with only the recipe's keys changed, and those keys take exactly
+    the avg-KD row's values, so the rung and avg-KD differ only in ASIB's mechanisms."""
+    from asib_core.benchmark import load_benchmark
+
+    bench = load_benchmark("cifar10_lowdata")
+    rows = {r.name: r for r in bench.rows}
+    recipe_keys = {**OFF, "ce_alpha": 0.1, "kd_alpha": 0.9, "tau": 4.0}
+    avg_kd = finalize_config(build_effective("sota_generic", benchmark_common() + list(rows["avg-KD"].overrides)))
+    assert {k: avg_kd[k] for k in recipe_keys} == recipe_keys
+    fair = [r for r in bench.rows if r.name.endswith(" on avg-KD's recipe")]
+    assert len(fair) == 3
+    for row in fair:
+        seed_name = row.name.removesuffix(" on avg-KD's recipe")
+        seed_rung = rows["L0 baseline" if seed_name == "L0" else seed_name]
+        assert row.exp == seed_rung.exp
+        assert list(row.overrides) == [*seed_rung.overrides, "recipe=asib_kd_paper"], row.name
+        on_seed, on_kd = (finalize_config(build_effective(r.exp, benchmark_common() + list(r.overrides)))
+                          for r in (seed_rung, row))
+        changed = {k for k in set(on_seed) | set(on_kd) if on_seed.get(k) != on_kd.get(k)}
+        assert changed - {"config_sha256", "recipe"} <= set(recipe_keys), row.name
+        assert {k: on_kd[k] for k in recipe_keys} == recipe_keys, row.name
+        assert on_kd["method_name"] == "asib" and on_kd["kd_target"] == on_seed["kd_target"], row.name
+    assert finalize_config(build_effective("L0_baseline", benchmark_common() + list(
+        rows["L0 on avg-KD's recipe"].overrides)))["kd_target"] == avg_kd["kd_target"] == "avg"
 
 
 def test_a_paper_recipe_trains_the_auxiliary_modules_like_the_student():
