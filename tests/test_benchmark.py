@@ -188,17 +188,31 @@ def test_asib_section_shows_the_synergy_per_a_step_epoch_from_the_histories(benc
     got_shares = pd.read_csv(results / "tiny-digits-synergy-shares.csv")
     assert {s: pytest.approx(statistics.mean(v)) for s, v in shares.items()} == dict(
         zip(got_shares["stage"], got_shares["share"]))
-    cost = pd.read_csv(results / "tiny-digits-asib-cost.csv")      # every ASIB rung, against the first (L0)
+    cost = pd.read_csv(results / "tiny-digits-asib-cost.csv")      # every ASIB rung, against L0 (same recipe)
     assert cost[["row", "n", "student_epochs", "a_step_epochs"]].values.tolist() == [["L0", 2, 2.0, 0.0],
                                                                                     ["L1 IB", 2, 2.0, 2.0]]
     l0 = [r for r in _distill_runs(bench["work"]) if r.data.tags["asib.bench_row"] == "L0"]
     times = [statistics.mean((r.info.end_time - r.info.start_time) / 1000 for r in rs) for rs in (l0, l1)]
     assert cost["wall_time_s_mean"].tolist() == pytest.approx(times)
-    assert cost["ratio_to_first"].tolist() == pytest.approx([1.0, times[1] / times[0]])
+    assert cost["reference_row"].tolist() == ["L0", "L0"]
+    assert cost["ratio_to_reference"].tolist() == pytest.approx([1.0, times[1] / times[0]])
     page = (results / "tiny-digits.md").read_text(encoding="utf-8")
     assert "| L1 IB | 2 | 1 | 2 | " in page and "| `resnet20` | `wrn_16_2` | ensemble | oracle |" in page
     assert "![synergy against the teachers per A-step epoch](tiny-digits-synergy.png)" in page
     assert (results / "tiny-digits-synergy.png").stat().st_size > 1000
+
+
+def test_asib_cost_is_read_against_the_first_rung_on_the_same_recipe():
+    """The seed's rungs (CutMix: a second teacher pass for the clean synergy query) against the
+    seed's L0, the rungs on avg-KD's recipe against that recipe's L0, whatever the row order."""
+    from asib_core.report.synergy import with_references
+
+    cost = pd.DataFrame({"row": ["L0", "L0 fair", "L1", "L1 fair", "L4 fair"],
+                         "recipe": ["", "asib_kd_paper", "", "asib_kd_paper", "asib_kd_paper"],
+                         "wall_time_s_mean": [400.0, 300.0, 1000.0, 390.0, 450.0]})
+    got = with_references(cost)
+    assert got["reference_row"].tolist() == ["L0", "L0 fair", "L0", "L0 fair", "L0 fair"]
+    assert got["ratio_to_reference"].tolist() == pytest.approx([1.0, 1.0, 2.5, 1.3, 1.5])
 
 
 def test_teachers_table_comes_from_one_evaluation_run(bench):
