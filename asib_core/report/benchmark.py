@@ -185,12 +185,13 @@ def collapsed_commands(commands: list[str], row_order: list[str] = ()) -> list[s
             words = shlex.split(cmd)
         except ValueError:
             words = []
-        picked = {w.split("=", 1)[0]: w.split("=", 1)[1] for w in words if w.split("=", 1)[0] in SELECTORS}
+        pairs = [w.split("=", 1) if "=" in w else (w, "") for w in words]
+        picked = {key: value for key, value in pairs if key in SELECTORS}
         if not picked:
             groups.setdefault(cmd, {})
             continue
-        shown = [f"{w.split('=', 1)[0]}=<{w.split('=', 1)[0][:-1]}>" if w.split("=", 1)[0] in SELECTORS
-                 else shlex.quote(w) for w in words]
+        shown = [f"{key}=<{key[:-1]}>" if key in SELECTORS else shlex.quote(word)
+                 for word, (key, _) in zip(words, pairs)]
         seeds = groups.setdefault(" ".join(shown), {}).setdefault(picked.get("rows", "(all rows)"), set())
         seeds.update(picked.get("seeds", "(all seeds)").split(","))
     lines = []
