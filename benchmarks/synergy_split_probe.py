@@ -84,6 +84,23 @@ def load_trained_student(student: torch.nn.Module, path: str) -> None:
           f"ignored: {list(result.unexpected_keys) or 'none'}")
 
 
+def build_probe(args: argparse.Namespace, *extra: str):
+    """``(cfg, data, distiller)`` of ``args.exp`` as ``distill`` builds them: the benchmark's common
+    overrides, then ``--data``, ``--set`` and ``extra``; the teachers from ``--teacher1/2``; the
+    student freshly initialised, or from ``args.student`` when the caller has one."""
+    overrides = [*load_benchmark(args.benchmark).common, *shlex.split(args.data), *shlex.split(args.set),
+                 f"experiment.teacher1_ckpt={args.teacher1}", f"experiment.teacher2_ckpt={args.teacher2}", *extra]
+    cfg = resolve_experiment(args.exp, overrides).cfg
+    data = build_data(cfg, torch.device("cpu"))
+    sources = resolve_teachers(cfg)
+    finalize_with_runtime(cfg, num_classes=int(data.num_classes), **{f"{s.role}_ckpt": str(s.path) for s in sources})
+    teachers = [load_teacher(cfg, s.role, s.path, data.num_classes)[0].eval() for s in sources]
+    student = build_student(cfg, data.num_classes)
+    if getattr(args, "student", ""):
+        load_trained_student(student, args.student)
+    return cfg, data, build_distiller(cfg, student, teachers).eval()
+
+
 @torch.no_grad()
 def frozen_inputs(distiller, loader) -> dict[str, torch.Tensor]:
     """The student's query, the teachers' tokens and logits, and the labels of every sample."""
@@ -189,18 +206,7 @@ def train_combiner(kind: str, train: dict, held_out: dict, steps: int) -> list[f
 def main() -> None:
     args = parse_args()
     torch.manual_seed(args.seed)
-    overrides = [*load_benchmark(args.benchmark).common, *shlex.split(args.data), *shlex.split(args.set),
-                 f"experiment.teacher1_ckpt={args.teacher1}", f"experiment.teacher2_ckpt={args.teacher2}",
-                 f"experiment.seed={args.seed}"]
-    cfg = resolve_experiment(args.exp, overrides).cfg
-    data = build_data(cfg, torch.device("cpu"))
-    sources = resolve_teachers(cfg)
-    finalize_with_runtime(cfg, num_classes=int(data.num_classes), **{f"{s.role}_ckpt": str(s.path) for s in sources})
-    teachers = [load_teacher(cfg, s.role, s.path, data.num_classes)[0].eval() for s in sources]
-    student = build_student(cfg, data.num_classes)
-    if args.student:
-        load_trained_student(student, args.student)
-    distiller = build_distiller(cfg, student, teachers).eval()
+    cfg, data, distiller = build_probe(args, f"experiment.seed={args.seed}")
     start = time.perf_counter()
     bs = args.batch_size
     train = frozen_inputs(distiller, data.loader("train", batch_size=bs, train=False, augment=False))

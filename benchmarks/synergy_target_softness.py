@@ -16,20 +16,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 
 import torch
 import torch.nn.functional as F
 
-from synergy_split_probe import frozen_inputs
-
-from asib_core.benchmark import load_benchmark
-from asib_core.config import resolve_experiment
-from asib_core.config.finalize import finalize_with_runtime
-from asib_core.data import build_data
-from asib_core.methods import build_distiller
-from asib_core.pipeline.models import build_student, load_teacher
-from asib_core.pipeline.teachers import resolve_teachers
+from synergy_split_probe import build_probe, frozen_inputs
 
 
 def main() -> None:
@@ -42,14 +33,7 @@ def main() -> None:
     ap.add_argument("--set", default="", help="the run's own overrides (quoted, space separated)")
     ap.add_argument("--benchmark", default="cifar10_lowdata", help="whose `common` overrides to start from")
     args = ap.parse_args()
-    overrides = [*load_benchmark(args.benchmark).common, *shlex.split(args.data), *shlex.split(args.set),
-                 f"experiment.teacher1_ckpt={args.teacher1}", f"experiment.teacher2_ckpt={args.teacher2}"]
-    cfg = resolve_experiment(args.exp, overrides).cfg
-    data = build_data(cfg, torch.device("cpu"))
-    sources = resolve_teachers(cfg)
-    finalize_with_runtime(cfg, num_classes=int(data.num_classes), **{f"{s.role}_ckpt": str(s.path) for s in sources})
-    teachers = [load_teacher(cfg, s.role, s.path, data.num_classes)[0].eval() for s in sources]
-    distiller = build_distiller(cfg, build_student(cfg, data.num_classes), teachers)
+    cfg, data, distiller = build_probe(args)
     distiller.load_checkpoint_state(torch.load(args.state, map_location="cpu", weights_only=True)["model"])
     distiller.eval()
     val = frozen_inputs(distiller, data.loader("val", batch_size=256))

@@ -194,15 +194,16 @@ def collapsed_commands(commands: list[str], row_order: list[str] = ()) -> list[s
                  for word, (key, _) in zip(words, pairs)]
         seeds = groups.setdefault(" ".join(shown), {}).setdefault(picked.get("rows", "(all rows)"), set())
         seeds.update(picked.get("seeds", "(all seeds)").split(","))
+    def seed_key(seed: str) -> tuple:
+        return (0, int(seed), "") if seed.isdigit() else (1, 0, seed)
+
+    def row_key(row: str) -> tuple:
+        return (row_order.index(row), "") if row in row_order else (len(row_order), row)
+
     lines = []
     for cmd, pairs in groups.items():
         line = f"`{cmd}`"
         if pairs:
-            def seed_key(seed: str) -> tuple:
-                return (0, int(seed), "") if seed.isdigit() else (1, 0, seed)
-
-            def row_key(row: str) -> tuple:
-                return (row_order.index(row), "") if row in row_order else (len(row_order), row)
             line += ", run for " + "; ".join(f"{row}: seeds {', '.join(sorted(pairs[row], key=seed_key))}"
                                               for row in sorted(pairs, key=row_key))
         lines.append(line)
