@@ -161,6 +161,22 @@ def test_commands_fed_row_by_row_collapse_into_one_line_per_command():
         f"`{base} rows=<row> seeds=<seed>`, run for CE-only: seeds 0"]
 
 
+def test_curves_are_drawn_against_the_student_epoch_not_the_mlflow_step():
+    """An ASIB run's ``val/acc`` history starts after its A-step steps and skips the next stage's;
+    both figures draw its n-th point at student epoch n, as they do for a run without A-steps."""
+    from asib_core.report import plots
+
+    histories = {"asib": {"val/acc": pd.Series([0.3, 0.5, 0.6, 0.7], index=[11, 4, 5, 10])},
+                 "plain": {"val/acc": pd.Series([0.2, 0.4, 0.5, 0.6], index=[0, 1, 2, 3])}}
+    groups = [(name, pd.DataFrame({"run_id": [name], "seed": [0], "seed_order": [0]})) for name in histories]
+    overview = plots.overview_figure(groups, histories).axes[0]
+    assert [list(line.get_xdata()) for line in overview.lines] == [[1, 2, 3, 4]] * 2
+    assert list(overview.lines[0].get_ydata()) == pytest.approx([50, 60, 70, 30])
+    assert overview.get_xlabel() == "student epoch"
+    panel = plots.group_figure("L1", groups[0][1], histories).axes[0]
+    assert list(panel.lines[0].get_xdata()) == [1, 2, 3, 4]
+
+
 def test_asib_section_shows_the_synergy_per_a_step_epoch_from_the_histories(bench):
     """Per stage and A-step epoch: the seeds' mean of the synergy's, each teacher's, the
     ensemble's and the oracle's validation accuracy; per stage the B-step synergy share; the cost

@@ -1,4 +1,8 @@
-"""Accuracy curves per group from the runs' metric histories (MLflow step = epoch)."""
+"""Accuracy curves per group from the runs' metric histories, drawn against the student's epoch.
+
+An MLflow step counts every epoch of a run, an ASIB run's A-step epochs included (they log no
+``val/acc``), so the student's n-th epoch is the n-th point of its ``val/acc`` / ``train/acc``
+history, whatever its step: the curves of ASIB and non-ASIB rows line up epoch for epoch."""
 from __future__ import annotations
 
 import re
@@ -18,6 +22,15 @@ def slug(values) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text).strip("_")[:150] or "group"
 
 
+EPOCH_AXIS = "student epoch"
+
+
+def by_student_epoch(series: pd.Series) -> pd.Series:
+    """The history re-indexed 1..n in step order (n-th point = the student's n-th epoch)."""
+    ordered = series.sort_index()
+    return pd.Series(ordered.values, index=range(1, len(ordered) + 1), name=series.name)
+
+
 def mean_curve(series: list[pd.Series]) -> pd.Series:
     """Mean over runs at each step (steps some runs lack use the runs that have them)."""
     return pd.concat(series, axis=1).mean(axis=1) if series else pd.Series(dtype=float)
@@ -31,14 +44,14 @@ def group_figure(title: str, runs: pd.DataFrame, histories: dict):
             series = histories.get(run["run_id"], {}).get(key)
             if series is None or series.empty:
                 continue
-            series = series * 100.0
+            series = by_student_epoch(series) * 100.0
             curves.append(series)
             ax.plot(series.index, series.values, lw=1, alpha=.6, marker="o", ms=2,
                     label=f"seed {run['seed']}")
         if len(curves) > 1:
             mean = mean_curve(curves)
             ax.plot(mean.index, mean.values, lw=2.5, color="black", label=f"mean of {len(curves)}")
-        ax.set_xlabel("epoch (MLflow step)")
+        ax.set_xlabel(EPOCH_AXIS)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=.3)
@@ -56,11 +69,11 @@ def overview_figure(groups: list[tuple[str, pd.DataFrame]], histories: dict, key
     fig, ax = plt.subplots(figsize=(9, 5))
     for title, runs in groups:
         curves = [histories.get(r, {}).get(key) for r in runs["run_id"]]
-        curves = [c * 100.0 for c in curves if c is not None and not c.empty]
+        curves = [by_student_epoch(c) * 100.0 for c in curves if c is not None and not c.empty]
         if curves:
             mean = mean_curve(curves)
             ax.plot(mean.index, mean.values, marker="o", ms=2, label=f"{title} (n={len(curves)})")
-    ax.set_xlabel("epoch (MLflow step)")
+    ax.set_xlabel(EPOCH_AXIS)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("validation top-1 (%), mean over seeds")
     ax.grid(alpha=.3)
