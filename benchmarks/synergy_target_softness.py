@@ -33,23 +33,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from asib_core.methods.asib.targets import entropy_matching_scale, mean_entropy as entropy
 from asib_core.pipeline.models import build_student
 from synergy_split_probe import build_probe, frozen_inputs
-
-
-def entropy(p: torch.Tensor) -> float:
-    """Mean entropy (nats) of the rows of ``p``."""
-    return float(-(p * p.clamp_min(1e-12).log()).sum(1).mean())
-
-
-def scale_matching_entropy(z: torch.Tensor, tau: float, goal: float) -> float:
-    """The factor ``a`` for which ``softmax(a * z / tau)`` has mean entropy ``goal`` (bisection on
-    log a: the entropy falls as ``a`` grows)."""
-    low, high = math.log(1e-3), math.log(1e3)
-    for _ in range(60):
-        mid = (low + high) / 2
-        low, high = (mid, high) if entropy(F.softmax(math.exp(mid) * z / tau, 1)) > goal else (low, mid)
-    return math.exp((low + high) / 2)
 
 
 def main() -> None:
@@ -88,13 +74,13 @@ def main() -> None:
         show(f"teacher{i + 1} at tau {tau:g}", F.softmax(t[i] / tau, 1))
     show(f"ensemble at tau {tau:g}", F.softmax(t / tau, 2).mean(0))
     tau_syn = s.tau_syn or tau
-    show(f"synergy as the B-step uses it (scale {s.synergy_logit_scale:g}, tau_syn {tau_syn:g})",
-         F.softmax(s.synergy_logit_scale * z / tau_syn, 1))
+    used = distiller.synergy_scale()
+    show(f"synergy as the B-step uses it (scale {used:.3g}, tau_syn {tau_syn:g})", F.softmax(used * z / tau_syn, 1))
     show(f"synergy at tau {tau:g}", F.softmax(z / tau, 1))
     show("synergy at tau 1", F.softmax(z, 1))
     show("ensemble at tau 1", F.softmax(t, 2).mean(0))
     show("synergy, fresh student's query, as the B-step uses it",
-         F.softmax(s.synergy_logit_scale * z_fresh / tau_syn, 1))
+         F.softmax(used * z_fresh / tau_syn, 1))
 
     ens = F.softmax(t / tau, 2).mean(0)
 
@@ -109,12 +95,12 @@ def main() -> None:
     print(f"shape against the ensemble at tau {tau:g} (second choice: the class ranked second)")
     compare("teacher1 at tau, against teacher2 at tau", F.softmax(t[0] / tau, 1), F.softmax(t[1] / tau, 1),
             "teacher2")
-    target = F.softmax(s.synergy_logit_scale * z / tau_syn, 1)
+    target = F.softmax(used * z / tau_syn, 1)
     compare("synergy as the B-step uses it", target, ens, "ensemble")
     compare(f"synergy at tau {tau:g}", F.softmax(z / tau, 1), ens, "ensemble")
-    compare("synergy with a fresh student's query, against the run's", F.softmax(s.synergy_logit_scale * z_fresh
-            / tau_syn, 1), target, "run's")
-    scale = scale_matching_entropy(z, tau, entropy(ens))
+    compare("synergy with a fresh student's query, against the run's", F.softmax(used * z_fresh / tau_syn, 1),
+            target, "run's")
+    scale = entropy_matching_scale(z, tau, entropy(ens))
     print(f"synergy_logit_scale at which the synergy at tau {tau:g} has the ensemble's mean entropy "
           f"({entropy(ens):.3f}): {scale:.3f}")
     print(f"top-1 agreement of the two queries' synergies: "

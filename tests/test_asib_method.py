@@ -20,8 +20,8 @@ from asib_core.config.errors import ConfigError
 from asib_core.engine.state import load_state
 from asib_core.losses import soft_target_kd_loss
 from asib_core.methods.asib import IBMBM, ASIBSettings
-from asib_core.methods.asib.a_step import a_step_losses, synergy_accuracy
-from asib_core.methods.asib.targets import ensemble_target, teacher_mask
+from asib_core.methods.asib.a_step import a_step_losses, calibrated_synergy_scale, synergy_accuracy
+from asib_core.methods.asib.targets import ensemble_target, entropy_matching_scale, mean_entropy, teacher_mask
 from asib_core.contract import Batch, TrainContext
 from asib_core.tracking.runs import RunHandle
 from tests.asib_helpers import asib_cfg, make_run, tiny_data, trained_teacher_states
@@ -154,6 +154,7 @@ def test_window_beta_and_ramp_schedules_of_the_seed_ladder():
     ({"teacher_adapt_epochs": 0}, "use_cccp=true needs an A-step"),
     ({"use_overlap_sampling": True, "overlap_pct": None}, "overlap_pct"),
     ({"feat_kd_key": "feat_4d"}, "feat_kd_key"),
+    ({"synergy_scale_calibration": "auto"}, "synergy_scale_calibration"),
 ])
 def test_settings_refuse_keys_that_cannot_do_what_they_say(changes, needle):
     cfg = asib_cfg("L3_ib_cccp_tadapt")
@@ -316,8 +317,9 @@ def test_a_step_trains_the_synergy_above_chance_on_validation(trained_a_step):
     assert last["gate/syn_acc"] == accs[-1] and last["gate/threshold"] == 0.8
 
 
-def _hand_kd(d, batch, tau, ens_alpha, gate_open, auto=False):
+def _hand_kd(d, batch, tau, ens_alpha, gate_open, auto=False, scale=None):
     s = d.settings
+    scale = s.synergy_logit_scale if scale is None else scale
     with torch.no_grad():
         out = d.student(batch.x)
         touts = [t(batch.x) for t in d.teachers]
@@ -336,7 +338,7 @@ def _hand_kd(d, batch, tau, ens_alpha, gate_open, auto=False):
         tau_s = s.tau_syn
         probs_s = [F.softmax(o["logit"] / tau_s, 1) for o in touts]
         q_ens_s = w[:, :1] * probs_s[0] + w[:, 1:] * probs_s[1]
-        q_syn = (1 - ens_alpha) * F.softmax(s.synergy_logit_scale * z / tau_s, 1) + ens_alpha * q_ens_s
+        q_syn = (1 - ens_alpha) * F.softmax(scale * z / tau_s, 1) + ens_alpha * q_ens_s
         k_syn = soft_target_kd_loss(out["logit"], q_syn, tau_s, reduction="none")   # hybrid: own term
         m = torch.exp(-2 * torch.log(ib.std)).mean(1)
         cw = (m / m.mean()).clamp(s.min_cw, s.max_cw)
@@ -401,8 +403,81 @@ def test_gate_switches_the_kd_target_when_validation_synergy_accuracy_crosses_th
     kd_auto, ratio = _hand_kd(d, batch, 4.0, a, gate_open=True, auto=True)
     assert stats["kd/syn_ratio"] == pytest.approx(ratio)
     assert float(losses["kd"].detach()) == pytest.approx(0.35 * kd_auto, rel=1e-4)
+    # synergy_scale_calibration: the synergy target takes the scale the A-step set, not synergy_logit_scale
+    d.settings = dataclasses.replace(settings, scale_calibration="ensemble_entropy")
+    d.gate.synergy_scale = 2.5
+    try:
+        d.pop_epoch_metrics()
+        _, losses = d.forward_train(batch, ctx)
+        stats = d.pop_epoch_metrics()
+    finally:
+        d.settings, d.gate.synergy_scale = settings, math.nan
+    assert stats["kd/synergy_scale"] == 2.5
+    assert float(losses["kd"].detach()) == pytest.approx(0.35 * _hand_kd(d, batch, 4.0, a, True, scale=2.5)[0],
+                                                         rel=1e-4)
+    assert float(losses["kd"].detach()) != pytest.approx(0.35 * kd_open, rel=1e-3)
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
+
+
+def test_entropy_matching_scale_recovers_the_scale_of_a_known_target():
+    logits = torch.tensor([[4.0, 1.0, 0.0, -2.0], [0.5, 0.4, -0.3, 0.0], [9.0, -1.0, 2.0, 2.0]])
+
+    def entropy(a: float) -> float:                      # by hand: -sum p log p, mean over rows
+        p = [[math.exp(a * v / 3.0) for v in row] for row in logits.tolist()]
+        p = [[v / sum(row) for v in row] for row in p]
+        return sum(-sum(v * math.log(v) for v in row) for row in p) / len(p)
+
+    for a in (0.2, 1.0, 2.95, 7.0):
+        assert entropy_matching_scale(logits, 3.0, entropy(a)) == pytest.approx(a, rel=1e-5)
+    assert mean_entropy(F.softmax(logits / 3.0, 1)) == pytest.approx(entropy(1.0), rel=1e-6)
+    # a goal no scale reaches (above ln 4, the entropy of the uniform distribution): the lower bound
+    assert entropy_matching_scale(logits, 3.0, math.log(4) + 0.1) == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_calibrated_scale_gives_the_synergy_target_the_ensembles_entropy_on_the_training_split(trained_a_step):
+    """Recomputed by hand on the training split without augmentation, everything in eval mode:
+    the weighted_conf ensemble at tau and the synergy target at tau_syn with the scale found."""
+    run, d = trained_a_step["run"], trained_a_step["d"]
+    tau, tau_s = 4.0, d.settings.tau_syn
+    scale = calibrated_synergy_scale(d, run.data.loader("train", train=False, augment=False), tau)
+    d.eval()
+    z, q = [], []
+    with torch.no_grad():
+        for x, *_ in run.data.loader("train", train=False, augment=False):
+            touts = [t(x) for t in d.teachers]
+            z.append(d.synergy_head(d.ib_mbm(d.student(x)["distill_feat"], [o["distill_feat"] for o in touts]).mu))
+            conf = torch.stack([F.softmax(o["logit"], 1).amax(1) for o in touts], 1)
+            w = conf / conf.sum(1, keepdim=True)
+            q.append(sum(w[:, i:i + 1] * F.softmax(o["logit"] / tau, 1) for i, o in enumerate(touts)))
+    z, q = torch.cat(z), torch.cat(q)
+
+    def entropy(p):
+        return float(-(p * p.log()).sum(1).mean())
+
+    assert entropy(F.softmax(scale * z / tau_s, 1)) == pytest.approx(entropy(q), abs=1e-4)
+    assert scale != pytest.approx(d.settings.synergy_logit_scale, rel=0.05)
+
+
+def test_a_step_with_scale_calibration_sets_logs_and_checkpoints_the_scale(tmp_path, request, caplog):
+    cache = request.config.cache.mkdir("asib_teachers") if request.config.cache else tmp_path / "t"
+    cfg = asib_cfg("L1_ib", ["experiment.num_stages=1", "experiment.student_epochs_per_stage=[0]",
+                             "experiment.teacher_adapt_epochs=1", "experiment.synergy_scale_calibration=ensemble_entropy"])
+    with caplog.at_level("WARNING"):
+        run, d = make_run(cfg, tiny_data(cfg, per_class=4), trained_teacher_states(cache), tmp_path)
+    assert "synergy_logit_scale=0.7 is not read" in caplog.text
+    logged = _logged(run, tmp_path)
+    assert d.synergy_scale() == d.settings.synergy_logit_scale == 0.7      # before any A-step
+    run.fit()
+    scale = d.gate.synergy_scale
+    assert scale == pytest.approx(calibrated_synergy_scale(d, run.data.loader("train", train=False, augment=False), run.context().tau), rel=1e-9)
+    assert d.synergy_scale() == scale and scale != pytest.approx(0.7, rel=0.01)
+    assert [m["gate/synergy_logit_scale"] for m in logged if "gate/synergy_logit_scale" in m] == [scale]
+    state = {}
+    state["_asib"] = {"gate": d.gate.as_dict()}
+    d.gate.synergy_scale = math.nan
+    d.gate.load(state["_asib"]["gate"])
+    assert d.synergy_scale() == scale
 
 
 def test_without_an_a_step_the_untrained_synergy_never_opens_the_gate(tmp_path):

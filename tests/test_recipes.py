@@ -125,7 +125,9 @@ def test_the_protocol_ladder_gives_an_a_step_only_to_rungs_whose_b_step_reads_th
     bench = load_benchmark("cifar10_lowdata")
     ladder = {r.name: r for r in bench.rows if r.exp.startswith("L")}
     assert list(ladder) == ["L0 baseline", "L1 IB", "L2 CCCP", "L3 IB+CCCP+T-adapt", "L4 full",
-                            "L0 on avg-KD's recipe", "L1 IB on avg-KD's recipe", "L4 full on avg-KD's recipe"]
+                            "L0 on avg-KD's recipe", "L1 IB on avg-KD's recipe", "L4 full on avg-KD's recipe",
+                            "L1 IB on avg-KD's recipe, calibrated synergy target",
+                            "L4 full on avg-KD's recipe, calibrated synergy target"]
     for name, row in ladder.items():
         cfg = finalize_config(build_effective(row.exp, benchmark_common() + list(row.overrides)))
         assert (cfg["num_stages"], cfg["student_epochs_per_stage"]) == (2, [15, 15]), name
@@ -159,6 +161,14 @@ def test_the_ladder_on_avg_kds_recipe_differs_from_the_seeds_rung_only_in_the_re
         assert on_kd["method_name"] == "asib" and on_kd["kd_target"] == on_seed["kd_target"], row.name
         resolved_fair[row.name] = on_kd
     assert resolved_fair["L0 on avg-KD's recipe"]["kd_target"] == avg_kd["kd_target"] == "avg"
+    # the calibrated rows: their fair row with the synergy target at tau and the entropy-matched scale
+    for name in ("L1 IB on avg-KD's recipe", "L4 full on avg-KD's recipe"):
+        row = rows[f"{name}, calibrated synergy target"]
+        cfg = finalize_config(build_effective(row.exp, benchmark_common() + list(row.overrides)))
+        changed = {k for k in set(cfg) | set(resolved_fair[name]) if cfg.get(k) != resolved_fair[name].get(k)}
+        assert changed - {"config_sha256"} == {"tau_syn", "synergy_scale_calibration"}, name
+        assert (cfg["tau_syn"], cfg["synergy_scale_calibration"]) == (None, "ensemble_entropy"), name
+        assert resolved_fair[name].get("synergy_scale_calibration", "none") == "none", name
 
 
 def test_a_paper_recipe_trains_the_auxiliary_modules_like_the_student():

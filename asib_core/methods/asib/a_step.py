@@ -25,7 +25,8 @@ cross-entropy with ``label_smoothing``, ``cw_b = clamp(mean_j
 exp(-logvar_bj), min_cw, 1)`` (detached; 1 without ``use_ib``), the KL epochs
 ``W <= e < W + ib_epochs_per_stage`` and ``beta``, ``ramp`` as in ``settings.py``. After
 every epoch the synergy accuracy on the validation split is measured (``a_step/syn_acc``);
-the value after the last epoch sets the gate. There is no rollback and no best-snapshot
+the value after the last epoch sets the gate (and, with ``synergy_scale_calibration:
+ensemble_entropy``, the synergy target's logit scale: ``calibrated_synergy_scale``). There is no rollback and no best-snapshot
 restore (a best-accuracy snapshot would systematically discard the CCCP epochs).
 
 The teachers' ``feat_2d`` of the training samples is computed once per stage when it cannot
@@ -47,6 +48,7 @@ teacher parameters ``teacher_lr`` (``teacher_weight_decay``).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -59,7 +61,7 @@ from asib_core.engine.loop import NonFiniteLoss
 from asib_core.losses import cccp_loss, gaussian_kl
 
 from . import ppf
-from .targets import ensemble_target
+from .targets import ensemble_target, entropy_matching_scale, mean_entropy
 from .teacher_cache import student_cache_for, teacher_features, train_cache_for
 
 log = logging.getLogger(__name__)
@@ -156,17 +158,13 @@ def validation_accuracies(distiller, loader, precision=None) -> dict[str, float]
     (their ``feat_2d`` gives tokens and logits), or not at all when the distiller's
     ``val_teacher_cache`` holds their features (teacher_cache.py)."""
     teachers = distiller.teachers
-    modules = [distiller.student, *teachers, distiller.ib_mbm, distiller.synergy_head]
-    modes = [[m.training for m in mod.modules()] for mod in modules]
-    for mod in modules:
-        mod.eval()
     names = ["synergy", *(f"teacher{i}" for i in range(1, len(teachers) + 1)), "ensemble", "oracle"]
     correct = dict.fromkeys(names, 0)
     seen = 0
     cache = getattr(distiller, "val_teacher_cache", None)
     batches = (cache.batches(loader, teachers, precision) if cache is not None
                else ((x, y, teacher_features(teachers, x, precision)) for x, y, *_ in loader))
-    try:
+    with all_in_eval_mode(distiller):
         for x, y, feats in batches:
             with autocast_for(precision):
                 logits = distiller.synergy_logits(x, feats)
@@ -177,11 +175,42 @@ def validation_accuracies(distiller, loader, precision=None) -> dict[str, float]
             for name, hit in zip(names, hits):
                 correct[name] += int(hit.sum())
             seen += int(y.shape[0])
+    return {name: (correct[name] / seen if seen else math.nan) for name in names}
+
+
+@contextlib.contextmanager
+def all_in_eval_mode(distiller):
+    """Student, teachers, IB_MBM and synergy head in eval mode inside the block; every
+    submodule's previous mode restored after it."""
+    modules = [distiller.student, *distiller.teachers, distiller.ib_mbm, distiller.synergy_head]
+    modes = [[m.training for m in mod.modules()] for mod in modules]
+    for mod in modules:
+        mod.eval()
+    try:
+        yield
     finally:
         for mod, flags in zip(modules, modes):
             for m, flag in zip(mod.modules(), flags):
                 m.training = flag
-    return {name: (correct[name] / seen if seen else math.nan) for name in names}
+
+
+@torch.no_grad()
+def calibrated_synergy_scale(distiller, loader, tau: float, precision=None) -> float:
+    """``synergy_scale_calibration: ensemble_entropy``: the synergy logit scale ``a`` at which the
+    B-step's synergy target ``softmax(a * head(mu) / tau_s)`` (``tau_s = tau_syn``, null: ``tau``)
+    has, over ``loader`` (the A-step passes every image of the training split, unsharded, in
+    order, without augmentation; every module in eval mode, as the B-step queries the synergy),
+    the mean entropy of the B-step's ensemble target at ``tau``. No labels are read."""
+    synergy, ensemble = [], []
+    with all_in_eval_mode(distiller):
+        for x, *_ in loader:
+            feats = teacher_features(distiller.teachers, x, precision)
+            with autocast_for(precision):
+                synergy.append(distiller.synergy_logits(x, feats).float())
+                tlogits = [t.float() for t in distiller.teacher_logits(feats)]
+            ensemble.append(ensemble_target(distiller.ensemble_mode, distiller.cfg, tlogits, tau)[0])
+    tau_s = distiller.settings.tau_syn or tau
+    return entropy_matching_scale(torch.cat(synergy), tau_s, mean_entropy(torch.cat(ensemble)))
 
 
 def synergy_accuracy(distiller, loader, precision=None) -> float:
@@ -331,6 +360,11 @@ class AStep:
                 d.gate.syn_acc, d.gate.trained, d.gate.measured_stage = acc, True, self.stage
                 d.gate.ensemble_acc = accs["ensemble"]
                 d.gate.threshold = s.gate_threshold_for(accs["ensemble"])
+                if s.scale_calibration == "ensemble_entropy":
+                    every_image = runner.data.loader("train", train=False, augment=False,
+                                                     channels_last=runner.channels_last)
+                    scale = calibrated_synergy_scale(d, every_image, runner.context().tau, runner.precision)
+                    d.gate.synergy_scale = runner.dist.broadcast_object(scale)   # rank 0's on every rank
                 metrics.update(d.gate.metrics())
             return metrics
 

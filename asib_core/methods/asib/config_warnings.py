@@ -52,6 +52,13 @@ def _target_warnings(s, cfg: dict) -> list[str]:
     if not s.kd_ens_alpha_ramp and s.kd_ens_alpha > 0 and s.kd_ens_epochs == 0:
         out.append(f"kd_ens_alpha={s.kd_ens_alpha:g} has no effect: teacher_adapt_kd_warmup=0 mixes the "
                    "ensemble into the synergy target in no B-step epoch.")
+    if s.scale_calibration != "none" and not s.uses_synergy_target:
+        out.append(f"synergy_scale_calibration={s.scale_calibration} has no effect: kd_target={s.kd_target} "
+                   "never makes the synergy a KD target.")
+    elif s.scale_calibration != "none" and cfg.get("synergy_logit_scale") is not None:
+        out.append(f"synergy_logit_scale={cfg['synergy_logit_scale']} is not read: with synergy_scale_calibration="
+                   f"{s.scale_calibration} each stage's A-step sets the synergy target's logit scale "
+                   "(logged as gate/synergy_logit_scale).")
     if s.gate_mode == "ensemble" and cfg.get("enable_kd_after_syn_acc") is not None:
         out.append(f"enable_kd_after_syn_acc={cfg['enable_kd_after_syn_acc']} is not read: with "
                    "synergy_gate_mode=ensemble the gate threshold is the teacher ensemble's validation accuracy.")

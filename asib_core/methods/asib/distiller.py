@@ -28,7 +28,10 @@ labels, ``lam * v + (1 - lam) * v[perm]`` (``Batch.mix``).
   ``tau_s = tau_syn`` (or tau), ``a`` the ensemble share (``kd_ens_alpha`` in the first
   ``teacher_adapt_kd_warmup`` B-step epochs of the stage, then 0; opt-in ``kd_ens_alpha_ramp``:
   rising to ``kd_ens_alpha_max`` over the stage), ``head(z)`` with a sampled ``z``
-  instead of ``mu`` when ``use_mu_for_kd: false``.
+  instead of ``mu`` when ``use_mu_for_kd: false``; under ``synergy_scale_calibration:
+  ensemble_entropy`` the stage's A-step replaces ``synergy_logit_scale`` with the scale at
+  which this target's mean entropy on the training split equals the ensemble target's at tau
+  (``synergy_scale``).
 
 ``w_b`` = IB certainty weight (``use_ib`` and the synergy teaching: ``clamp(m_b / mean m,
 min_cw, max_cw)``, ``m_b = mean_j exp(-logvar_bj)``) times the overlap validity (teacher
@@ -206,6 +209,15 @@ class ASIB(Distiller):
         return "weighted_conf" if self.settings.uses_synergy_target else self.settings.kd_target
 
     @torch.no_grad()
+    def synergy_scale(self) -> float:
+        """The factor of the synergy logits in the B-step's synergy target: ``synergy_logit_scale``,
+        or under ``synergy_scale_calibration: ensemble_entropy`` the one the stage's A-step set
+        (``gate.synergy_scale``; ``a_step.calibrated_synergy_scale``)."""
+        calibrated = self.gate.synergy_scale
+        if self.settings.scale_calibration != "none" and calibrated == calibrated:
+            return calibrated
+        return self.settings.synergy_logit_scale
+
     def synergy_logits(self, x: torch.Tensor, teacher_feats: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Evaluation synergy prediction ``head(mu)`` (callers set eval mode); with
         ``teacher_feats`` (the teachers' ``feat_2d`` of ``x``) the teacher backbones do not run."""
@@ -321,7 +333,7 @@ class ASIB(Distiller):
                 q_ens_s = q_ens
                 if a > 0 and tau_s != tau:
                     q_ens_s = ensemble_target(ens_mode, self.cfg, tlogits, tau_s, mask)[0]
-                q_syn = synergy_target(z_syn, s.synergy_logit_scale, tau_s, q_ens_s, a, mix=batch.mix)
+                q_syn = synergy_target(z_syn, self.synergy_scale(), tau_s, q_ens_s, a, mix=batch.mix)
                 k_syn = kd_vector(logits, q_syn, tau_s)
                 if s.kd_target == "auto":
                     q_ens_1 = ensemble_target(ens_mode, self.cfg, tlogits, 1.0, mask)[0]
@@ -333,8 +345,8 @@ class ASIB(Distiller):
                     weight = weight * cw
                 share = float(choose.float().mean())
                 weight_share = float((weight * choose).sum() / weight.sum().clamp_min(1e-12))
-                stats.update({"kd/syn_ratio": share, "kd/tau_syn": tau_s, "kd/ens_alpha": a,
-                              "b_step/syn_share": share, "b_step/syn_kd_weight_share": weight_share})
+                stats.update({"kd/syn_ratio": share, "kd/tau_syn": tau_s, "kd/synergy_scale": self.synergy_scale(),
+                              "kd/ens_alpha": a, "b_step/syn_share": share, "b_step/syn_kd_weight_share": weight_share})
             kd_raw = (weight * k_vec).mean()
             losses["kd"] = kd_w * kd_raw          # the engine applies kd_max_ratio to this term
             stats["kd/raw"] = float(kd_raw.detach())

@@ -14,6 +14,7 @@ from asib_core.config.errors import ConfigError
 KD_TARGETS = ("teacher", "avg", "weighted_conf", "synergy", "auto")
 SYNERGY_TARGETS = ("synergy", "auto")
 GATE_MODES = ("absolute", "ensemble")
+SCALE_CALIBRATIONS = ("none", "ensemble_entropy")
 FEATURE_KEYS = ("distill_feat", "feat_2d")
 ROLES = ("student", "teacher1", "teacher2")
 
@@ -101,6 +102,7 @@ class ASIBSettings:
     hybrid_beta: float
     tau_syn: float | None
     synergy_logit_scale: float
+    scale_calibration: str    # synergy_scale_calibration: none | ensemble_entropy
     use_mu_for_kd: bool
     feat_kd_alpha: float
     feat_kd_key: str
@@ -293,6 +295,10 @@ class ASIBSettings:
         scale = _float(cfg, "synergy_logit_scale", 1.0)
         if scale is None or not scale > 0:
             raise ConfigError(f"synergy_logit_scale={scale} must be > 0.")
+        calibration = str(cfg.get("synergy_scale_calibration") or "none")
+        if calibration not in SCALE_CALIBRATIONS:
+            raise ConfigError(f"synergy_scale_calibration='{calibration}' is not known; use one of "
+                              f"{', '.join(SCALE_CALIBRATIONS)}.")
 
         overlap_pct = _float(cfg, "overlap_pct", None)
         use_overlap = _bool(cfg, "use_overlap_sampling", False)
@@ -361,6 +367,7 @@ class ASIBSettings:
             hybrid_beta=_float(cfg, "hybrid_beta", 0.0) or 0.0,
             tau_syn=tau_syn,
             synergy_logit_scale=scale,
+            scale_calibration=calibration,
             use_mu_for_kd=_bool(cfg, "use_mu_for_kd", True),
             feat_kd_alpha=_float(cfg, "feat_kd_alpha", 0.0) or 0.0,
             feat_kd_key=feat_key,

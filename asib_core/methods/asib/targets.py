@@ -126,6 +126,25 @@ def feature_kd_term(student_feat: torch.Tensor, mu: torch.Tensor, weights: torch
     return alpha * raw, raw
 
 
+def mean_entropy(probs: torch.Tensor) -> float:
+    """Mean entropy (nats) of the rows of a probability matrix."""
+    p = probs.float()
+    return float(-(p * p.clamp_min(1e-12).log()).sum(dim=1).mean())
+
+
+def entropy_matching_scale(logits: torch.Tensor, tau: float, goal: float,
+                           low: float = 1e-3, high: float = 1e3) -> float:
+    """The factor ``a`` in ``[low, high]`` at which ``softmax(a * logits / tau)`` has the mean
+    entropy ``goal`` (nats): bisection on ``log a``, since the entropy falls as ``a`` grows
+    (the nearer bound when no factor in the range reaches ``goal``)."""
+    z = logits.float() / float(tau)
+    lo, hi = math.log(low), math.log(high)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_entropy(F.softmax(math.exp(mid) * z, dim=1)) > goal else (lo, mid)
+    return math.exp((lo + hi) / 2)
+
+
 def kd_vector(student_logits: torch.Tensor, probs: torch.Tensor, tau: float) -> torch.Tensor:
     return soft_target_kd_loss(student_logits, probs, tau, reduction="none")
 
@@ -142,6 +161,7 @@ class GateState:
     trained: bool = False
     measured_stage: int = -1
     ensemble_acc: float = math.nan
+    synergy_scale: float = math.nan   # synergy_scale_calibration: the scale the last A-step set
 
     @property
     def open(self) -> bool:
@@ -150,12 +170,14 @@ class GateState:
     def metrics(self) -> dict:
         return {"gate/open": float(self.open), "gate/syn_acc": self.syn_acc,
                 "gate/threshold": self.threshold, "gate/synergy_trained": float(self.trained),
-                "gate/ensemble_acc": self.ensemble_acc}
+                "gate/ensemble_acc": self.ensemble_acc,
+                **({"gate/synergy_logit_scale": self.synergy_scale} if self.synergy_scale == self.synergy_scale else {})}
 
     def as_dict(self) -> dict:
         return {"syn_acc": float(self.syn_acc), "trained": bool(self.trained),
                 "measured_stage": int(self.measured_stage), "threshold": float(self.threshold),
-                "ensemble_acc": float(self.ensemble_acc)}
+                "ensemble_acc": float(self.ensemble_acc),
+                **({"synergy_scale": float(self.synergy_scale)} if self.synergy_scale == self.synergy_scale else {})}
 
     def load(self, state: dict) -> None:
         self.syn_acc = float(state.get("syn_acc", math.nan))
@@ -163,3 +185,4 @@ class GateState:
         self.measured_stage = int(state.get("measured_stage", -1))
         self.threshold = float(state.get("threshold", self.threshold))
         self.ensemble_acc = float(state.get("ensemble_acc", math.nan))
+        self.synergy_scale = float(state.get("synergy_scale", math.nan))
