@@ -26,8 +26,9 @@ exp(-logvar_bj), min_cw, 1)`` (detached; 1 without ``use_ib``), the KL epochs
 ``W <= e < W + ib_epochs_per_stage`` and ``beta``, ``ramp`` as in ``settings.py``. After
 every epoch the synergy accuracy on the validation split is measured (``a_step/syn_acc``);
 the value after the last epoch sets the gate (and, with ``synergy_scale_calibration:
-ensemble_entropy``, the synergy target's logit scale: ``calibrated_synergy_scale``). There is no rollback and no best-snapshot
-restore (a best-accuracy snapshot would systematically discard the CCCP epochs).
+ensemble_entropy``, the synergy target's logit scale: ``calibrated_synergy_scale``). There is
+no rollback and no best-snapshot restore (a best-accuracy snapshot would systematically discard
+the CCCP epochs).
 
 The teachers' ``feat_2d`` of the training samples is computed once per stage when it cannot
 change between epochs (frozen teacher backbones, a training loader without augmentation:

@@ -208,7 +208,6 @@ class ASIB(Distiller):
         """The B-step's ensemble target: ``weighted_conf`` behind ``synergy``/``auto``, else ``kd_target``."""
         return "weighted_conf" if self.settings.uses_synergy_target else self.settings.kd_target
 
-    @torch.no_grad()
     def synergy_scale(self) -> float:
         """The factor of the synergy logits in the B-step's synergy target: ``synergy_logit_scale``,
         or under ``synergy_scale_calibration: ensemble_entropy`` the one the stage's A-step set
@@ -218,6 +217,7 @@ class ASIB(Distiller):
             return calibrated
         return self.settings.synergy_logit_scale
 
+    @torch.no_grad()
     def synergy_logits(self, x: torch.Tensor, teacher_feats: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Evaluation synergy prediction ``head(mu)`` (callers set eval mode); with
         ``teacher_feats`` (the teachers' ``feat_2d`` of ``x``) the teacher backbones do not run."""
@@ -345,8 +345,9 @@ class ASIB(Distiller):
                     weight = weight * cw
                 share = float(choose.float().mean())
                 weight_share = float((weight * choose).sum() / weight.sum().clamp_min(1e-12))
-                stats.update({"kd/syn_ratio": share, "kd/tau_syn": tau_s, "kd/synergy_scale": self.synergy_scale(),
-                              "kd/ens_alpha": a, "b_step/syn_share": share, "b_step/syn_kd_weight_share": weight_share})
+                stats.update({"kd/syn_ratio": share, "kd/tau_syn": tau_s, "kd/ens_alpha": a,
+                              "kd/synergy_scale": self.synergy_scale(),
+                              "b_step/syn_share": share, "b_step/syn_kd_weight_share": weight_share})
             kd_raw = (weight * k_vec).mean()
             losses["kd"] = kd_w * kd_raw          # the engine applies kd_max_ratio to this term
             stats["kd/raw"] = float(kd_raw.detach())

@@ -170,14 +170,16 @@ class GateState:
     def metrics(self) -> dict:
         return {"gate/open": float(self.open), "gate/syn_acc": self.syn_acc,
                 "gate/threshold": self.threshold, "gate/synergy_trained": float(self.trained),
-                "gate/ensemble_acc": self.ensemble_acc,
-                **({"gate/synergy_logit_scale": self.synergy_scale} if self.synergy_scale == self.synergy_scale else {})}
+                "gate/ensemble_acc": self.ensemble_acc, **self._scale("gate/synergy_logit_scale")}
 
     def as_dict(self) -> dict:
         return {"syn_acc": float(self.syn_acc), "trained": bool(self.trained),
                 "measured_stage": int(self.measured_stage), "threshold": float(self.threshold),
-                "ensemble_acc": float(self.ensemble_acc),
-                **({"synergy_scale": float(self.synergy_scale)} if self.synergy_scale == self.synergy_scale else {})}
+                "ensemble_acc": float(self.ensemble_acc), **self._scale("synergy_scale")}
+
+    def _scale(self, name: str) -> dict:
+        """``{name: synergy_scale}`` once an A-step has calibrated it, else nothing."""
+        return {name: float(self.synergy_scale)} if self.synergy_scale == self.synergy_scale else {}
 
     def load(self, state: dict) -> None:
         self.syn_acc = float(state.get("syn_acc", math.nan))
