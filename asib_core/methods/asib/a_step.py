@@ -374,6 +374,7 @@ class AStep:
                               clamp=not s.disable_loss_clamp_in_a, extra_metrics=extra,
                               after_backward=lambda: runner.dist.average_gradients(params))
         log.info("A-step of stage %d: validation synergy accuracy %.4f, teacher ensemble %.4f "
-                 "(gate threshold %.4f -> %s)", self.stage + 1, self.last_acc, self.last_ensemble_acc,
-                 d.gate.threshold, "open" if d.gate.open else "closed")
+                 "(gate threshold %.4f -> %s); synergy target logit scale %.3g%s", self.stage + 1, self.last_acc,
+                 self.last_ensemble_acc, d.gate.threshold, "open" if d.gate.open else "closed", d.synergy_scale(),
+                 " (calibrated)" if s.scale_calibration != "none" else "")
         return self.last_acc
