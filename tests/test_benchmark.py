@@ -175,6 +175,10 @@ def test_curves_are_drawn_against_the_student_epoch_not_the_mlflow_step():
     assert overview.get_xlabel() == "student epoch"
     panel = plots.group_figure("L1", groups[0][1], histories).axes[0]
     assert list(panel.lines[0].get_xdata()) == [1, 2, 3, 4]
+    # more rows than the 10 colours of the cycle: every line still has its own colour and style
+    many = {f"row {i}": {"val/acc": pd.Series([0.1, 0.2], index=[0, 1])} for i in range(23)}
+    lines = plots.overview_figure([(name, pd.DataFrame({"run_id": [name]})) for name in many], many).axes[0].lines
+    assert len({(line.get_color(), line.get_linestyle()) for line in lines}) == len(lines) == 23
 
 
 def test_asib_section_shows_the_synergy_per_a_step_epoch_from_the_histories(bench):

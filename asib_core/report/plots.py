@@ -23,6 +23,7 @@ def slug(values) -> str:
 
 
 EPOCH_AXIS = "student epoch"
+LINE_STYLES = ("-", "--", ":", "-.")
 
 
 def by_student_epoch(series: pd.Series) -> pd.Series:
@@ -72,7 +73,9 @@ def overview_figure(groups: list[tuple[str, pd.DataFrame]], histories: dict, key
         curves = [by_student_epoch(c) * 100.0 for c in curves if c is not None and not c.empty]
         if curves:
             mean = mean_curve(curves)
-            ax.plot(mean.index, mean.values, marker="o", ms=2, label=f"{title} (n={len(curves)})")
+            # the colour cycle has 10 colours: every further ten lines get the next line style
+            ax.plot(mean.index, mean.values, marker="o", ms=2, label=f"{title} (n={len(curves)})",
+                    linestyle=LINE_STYLES[len(ax.lines) // 10 % len(LINE_STYLES)])
     ax.set_xlabel(EPOCH_AXIS)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("validation top-1 (%), mean over seeds")
