@@ -180,10 +180,9 @@ def validation_accuracies(distiller, loader, precision=None) -> dict[str, float]
 
 
 @contextlib.contextmanager
-def all_in_eval_mode(distiller):
-    """Student, teachers, IB_MBM and synergy head in eval mode inside the block; every
-    submodule's previous mode restored after it."""
-    modules = [distiller.student, *distiller.teachers, distiller.ib_mbm, distiller.synergy_head]
+def in_eval_mode(*modules):
+    """``modules`` in eval mode inside the block; every submodule's previous mode restored after
+    it (a module whose parts were in mixed modes, e.g. PPF's frozen BatchNorms, gets them back)."""
     modes = [[m.training for m in mod.modules()] for mod in modules]
     for mod in modules:
         mod.eval()
@@ -193,6 +192,11 @@ def all_in_eval_mode(distiller):
         for mod, flags in zip(modules, modes):
             for m, flag in zip(mod.modules(), flags):
                 m.training = flag
+
+
+def all_in_eval_mode(distiller):
+    """Student, teachers, IB_MBM and synergy head in eval mode inside the block (:func:`in_eval_mode`)."""
+    return in_eval_mode(distiller.student, *distiller.teachers, distiller.ib_mbm, distiller.synergy_head)
 
 
 @torch.no_grad()

@@ -57,7 +57,7 @@ from asib_core.contract import Batch, Distiller, TrainContext
 from ..targets import selected_teacher
 from ..registry import register_method
 from . import ppf
-from .a_step import AStep, synergy_accuracy
+from .a_step import AStep, in_eval_mode, synergy_accuracy
 from .config_warnings import config_warnings
 from .ib_mbm import IBMBM, SynergyHead
 from .settings import ASIBSettings
@@ -267,13 +267,8 @@ class ASIB(Distiller):
         (``batch.x_clean``; the batch itself when it was not mixed). The caller mixes the
         per-sample results like the labels (``Batch.mix``)."""
         clean = batch.x_clean if batch.x_clean is not None else batch.x
-        flags = [m.training for m in self.student.modules()]
-        self.student.eval()
-        try:
+        with in_eval_mode(self.student):
             query = self.student(clean)[self.settings.feat_kd_key]
-        finally:
-            for m, flag in zip(self.student.modules(), flags):
-                m.training = flag
         if clean is batch.x:
             tokens = [self._token(o) for o in touts]
         else:
