@@ -15,9 +15,8 @@ Two more questions about the synergy target, on the same images:
   the two teachers' second-choice agreement as the reference.
 * How much it depends on the student's query: the same IB_MBM and head queried by a freshly
   initialised student (fresh random weights: the kind of query the first stage's A-step fitted
-  them to) instead of the run's
-  trained one. If the target barely changes, the student's query drifting during a B-step cannot
-  be what spoils it.
+  them to) instead of the run's trained one. If the target barely changes, the student's query
+  drifting during a B-step cannot be what spoils it.
 
     python benchmarks/synergy_target_softness.py --state checkpoints/runs/distill-<id>/last.pt \\
         --teacher1 T1.pth --teacher2 T2.pth --exp L1_ib \\
@@ -70,19 +69,20 @@ def main() -> None:
 
     split = "validation split" if args.split == "val" else "training subset (no augmentation)"
     print(f"{split}, {len(y)} images; entropy of the uniform distribution {math.log(z.shape[1]):.3f}")
-    for i in range(t.shape[0]):
-        show(f"teacher{i + 1} at tau {tau:g}", F.softmax(t[i] / tau, 1))
-    show(f"ensemble at tau {tau:g}", F.softmax(t / tau, 2).mean(0))
+    teachers = F.softmax(t / tau, 2)
+    ens = teachers.mean(0)
     tau_syn = s.tau_syn or tau
     used = distiller.synergy_scale()
-    show(f"synergy as the B-step uses it (scale {used:.3g}, tau_syn {tau_syn:g})", F.softmax(used * z / tau_syn, 1))
-    show(f"synergy at tau {tau:g}", F.softmax(z / tau, 1))
+    target, fresh_target = (F.softmax(used * logits / tau_syn, 1) for logits in (z, z_fresh))
+    syn_tau = F.softmax(z / tau, 1)
+    for i in range(t.shape[0]):
+        show(f"teacher{i + 1} at tau {tau:g}", teachers[i])
+    show(f"ensemble at tau {tau:g}", ens)
+    show(f"synergy as the B-step uses it (scale {used:.3g}, tau_syn {tau_syn:g})", target)
+    show(f"synergy at tau {tau:g}", syn_tau)
     show("synergy at tau 1", F.softmax(z, 1))
     show("ensemble at tau 1", F.softmax(t, 2).mean(0))
-    show("synergy, fresh student's query, as the B-step uses it",
-         F.softmax(used * z_fresh / tau_syn, 1))
-
-    ens = F.softmax(t / tau, 2).mean(0)
+    show("synergy, fresh student's query, as the B-step uses it", fresh_target)
 
     def second(p: torch.Tensor) -> torch.Tensor:
         return p.topk(2, dim=1).indices[:, 1]
@@ -93,13 +93,10 @@ def main() -> None:
               f"{100 * float((second(p) == second(ref)).float().mean()):6.2f} %")
 
     print(f"shape against the ensemble at tau {tau:g} (second choice: the class ranked second)")
-    compare("teacher1 at tau, against teacher2 at tau", F.softmax(t[0] / tau, 1), F.softmax(t[1] / tau, 1),
-            "teacher2")
-    target = F.softmax(used * z / tau_syn, 1)
+    compare("teacher1 at tau, against teacher2 at tau", teachers[0], teachers[1], "teacher2")
     compare("synergy as the B-step uses it", target, ens, "ensemble")
-    compare(f"synergy at tau {tau:g}", F.softmax(z / tau, 1), ens, "ensemble")
-    compare("synergy with a fresh student's query, against the run's", F.softmax(used * z_fresh / tau_syn, 1),
-            target, "run's")
+    compare(f"synergy at tau {tau:g}", syn_tau, ens, "ensemble")
+    compare("synergy with a fresh student's query, against the run's", fresh_target, target, "run's")
     scale = entropy_matching_scale(z, tau, entropy(ens))
     print(f"synergy_logit_scale at which the synergy at tau {tau:g} has the ensemble's mean entropy "
           f"({entropy(ens):.3f}): {scale:.3f}")
