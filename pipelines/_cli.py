@@ -8,6 +8,9 @@ import shlex
 import sys
 
 USER_ERROR_EXIT = 2
+INTERRUPTED_EXIT = 130      # the shell's code for a process ended by SIGINT
+INTERRUPTED = ("any run this command had open was ended KILLED, not left RUNNING. Run the same command "
+               "again to go on: a step with a checkpoint resumes from it.")
 
 
 def parse_exp_args(argv: list[str], default_exp: str | None = None) -> tuple[str, list[str]]:
@@ -141,8 +144,10 @@ def relaunch_distributed(argv: list[str], module: str) -> None:
 
 
 @contextlib.contextmanager
-def user_errors():
-    """Turn user errors (bad config, missing data/checkpoint) into exit code 2."""
+def user_errors(interrupted: str = INTERRUPTED):
+    """Turn user errors (bad config, missing data/checkpoint) into exit code 2, and Ctrl-C or
+    SIGTERM into one paragraph (``interrupted``: what became of the command's work) and exit 130;
+    neither prints a traceback. The runs were already ended KILLED on the way out (``open_run``)."""
     import signal
 
     from asib_core.config.errors import ConfigError, ConfigLockError
@@ -154,6 +159,9 @@ def user_errors():
     enter_workdir()
     try:
         yield
+    except KeyboardInterrupt as exc:
+        print(f"interrupted ({exc or 'Ctrl-C'}): {interrupted}", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_EXIT) from None
     except (ConfigError, ConfigLockError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(USER_ERROR_EXIT) from None

@@ -16,23 +16,14 @@ import sys
 
 from pipelines._cli import count_option, exit_on_help, parse_exp_args, pop_option, user_errors
 
-INTERRUPTED_EXIT = 130      # the shell's code for a process ended by SIGINT
+INTERRUPTED = ("the sweep's running trial ended FAIL and is retried with its parameters, its run and this "
+               "worker's parent run ended KILLED. Run the same command again to resume the study.")
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return sweep(argv)
-    except KeyboardInterrupt as exc:
-        print(f"sweep interrupted ({exc or 'Ctrl-C'}): the running trial ended FAIL and is retried with its "
-              "parameters, its run and this worker's parent run ended KILLED. Run the same command again to "
-              "resume the study.", file=sys.stderr)
-        return INTERRUPTED_EXIT
-
-
-def sweep(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     exit_on_help(argv, __doc__, "sweep")
-    with user_errors():
+    with user_errors(interrupted=INTERRUPTED):
         counts = {name: count_option(argv, name, default)
                   for name, default in (("n_trials", 20), ("sampler_seed", 0), ("worker", 0),
                                         ("heartbeat", 60), ("max_retry", 2))}

@@ -29,26 +29,29 @@ SIGKILLED = -signal.SIGKILL
 TMP_PATTERNS = ("*.tmp*", ".*.tmp*")
 
 
-def _env(workdir: Path, fault: str | None, group: bool) -> dict:
+def _env(workdir: Path, fault: str | None, group: bool, signal_name: str | None = None) -> dict:
     env = env_for(workdir)
-    env.pop("ASIB_FAULT_AT", None)
-    env.pop("ASIB_FAULT_GROUP", None)
+    for key in ("ASIB_FAULT_AT", "ASIB_FAULT_GROUP", "ASIB_FAULT_SIGNAL"):
+        env.pop(key, None)
     if fault:
         env["ASIB_FAULT_AT"] = fault
         if group:
             env["ASIB_FAULT_GROUP"] = "1"
+        if signal_name:        # INT / TERM at the fault point instead of SIGKILL
+            env["ASIB_FAULT_SIGNAL"] = signal_name
     return env
 
 
 def start_step(module: str, args: list[str], workdir: Path, *, fault: str | None = None,
-               group: bool = False) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=workdir, env=_env(workdir, fault, group),
+               group: bool = False, signal_name: str | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=workdir,
+                            env=_env(workdir, fault, group, signal_name),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def run_step(module: str, args: list[str], workdir: Path, *, fault: str | None = None, group: bool = False,
-             timeout: int = 1200) -> subprocess.CompletedProcess:
-    proc = start_step(module, args, workdir, fault=fault, group=group)
+             signal_name: str | None = None, timeout: int = 1200) -> subprocess.CompletedProcess:
+    proc = start_step(module, args, workdir, fault=fault, group=group, signal_name=signal_name)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -79,6 +79,22 @@ def test_a_run_killed_across_its_whole_life_ends_as_one_run_with_the_uninterrupt
     assert metric_histories(run.info.run_id, tmp_path) == metric_histories(ref_run.info.run_id, reference[0])
 
 
+def test_sigterm_ends_the_run_killed_in_one_paragraph_with_exit_130(tmp_path):
+    """A scheduler's stop (SIGTERM) in the middle of an epoch: no traceback, one paragraph that says
+    what became of the run and how to go on, the shell's 130, and the run KILLED."""
+    args = ["exp=quickstart", "method=ce", "experiment.student_epochs_per_stage=[2]",
+            "experiment.dataset.train_per_class=10", "experiment.dataset.batch_size=64",
+            "experiment.eval_batch_size=256"]
+    stopped = run_step("pipelines.distill", args, tmp_path, fault="epoch.batch#2", signal_name="TERM")
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted (terminated by signal 15): ") and "ended KILLED" in last, last
+    assert "same command" in last
+    report = audit(tmp_path)
+    assert [r.info.status for r in report.runs] == ["KILLED"] and not report.running and not report.tmp_files
+
+
 def test_main_killed_as_a_whole_is_completed_by_the_next_main(tmp_path):
     # batch 64 and 100 training images: one batch per epoch; the kill comes in the second epoch
     args = ["exp=quickstart", "method=ce", "baseline=none", "experiment.student_epochs_per_stage=[2]",
