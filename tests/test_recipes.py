@@ -23,6 +23,7 @@ from asib_core.contract import Batch, TrainContext
 from asib_core.engine.schedules import tau_for_epoch
 from asib_core.methods import build_distiller
 from asib_core.methods.ab import connector
+from asib_core.methods.asib.settings import ASIBSettings
 from asib_core.models import create_model
 
 from asib_helpers import asib_cfg, make_run, single_torch_thread, tiny_data
@@ -156,8 +157,13 @@ def test_the_ladder_on_avg_kds_recipe_differs_from_the_seeds_rung_only_in_the_re
         on_seed, on_kd = (finalize_config(build_effective(r.exp, benchmark_common() + list(r.overrides)))
                           for r in (seed_rung, row))
         changed = {k for k in set(on_seed) | set(on_kd) if on_seed.get(k) != on_kd.get(k)}
-        assert changed - {"config_sha256", "recipe"} <= set(recipe_keys), row.name
+        assert changed - {"config_sha256", "recipe"} <= set(recipe_keys) | {"teacher_adapt_alpha_kd"}, row.name
         assert {k: on_kd[k] for k in recipe_keys} == recipe_keys, row.name
+        # ... and every ASIB setting (A-step, gate, synergy target, PPF) is the seed rung's: the A-step
+        # KD toward the student reads kd_alpha when teacher_adapt_alpha_kd is null, so the recipe's
+        # kd_alpha 0.9 must not reach it (the recipe pins it at the rungs' 0.35)
+        assert ASIBSettings.from_cfg(on_kd) == ASIBSettings.from_cfg(on_seed), row.name
+        assert ASIBSettings.from_cfg(on_kd).a_kd_alpha == on_seed["kd_alpha"] == 0.35, row.name
         assert on_kd["method_name"] == "asib" and on_kd["kd_target"] == on_seed["kd_target"], row.name
         resolved_fair[row.name] = on_kd
     assert resolved_fair["L0 on avg-KD's recipe"]["kd_target"] == avg_kd["kd_target"] == "avg"

@@ -26,7 +26,7 @@ from asib_core.pipeline.common import TEACHERS_USED_TAG, git_commit
 from asib_core.tracking import search_finished
 
 from . import plots, synergy
-from .query import load_runs, metric_histories
+from .query import is_seed_param, load_runs, metric_histories
 from .tables import seeds_text, stats
 from .writers import DASH, clock, markdown_table, mean_std, number
 
@@ -38,6 +38,8 @@ COLUMNS = (("val_acc", "val top-1, best epoch (%)", 2),
            ("train_time_s", "train time (s, mean)", 0),
            ("img_per_s", "train img/s (mean)", 0))
 MEAN_ONLY = ("wall_time_s", "train_time_s", "img_per_s")
+#: params that say where something is (paths of one checkout, the device), not what a run does
+WHERE_SUFFIXES = ("_dir", "root", "_ckpt", "pretrained_file", "device")
 
 
 @dataclass
@@ -53,15 +55,47 @@ def page_name(bench: Benchmark) -> str:
     return bench.name
 
 
-def benchmark_runs(bench: Benchmark) -> pd.DataFrame:
-    """The FINISHED distill runs of the benchmark, the newest per row and seed."""
+def benchmark_runs(bench: Benchmark) -> tuple[pd.DataFrame, list[str]]:
+    """The FINISHED distill runs of the benchmark, the newest per row and seed, less those whose
+    configuration is not their row's newest one (see :func:`drop_stale`), and one line per run
+    left out."""
     runs = load_runs(None, f"tags.`{BENCH_TAG}` = '{bench.name}' and tags.step = 'distill' "
                            "and attributes.status = 'FINISHED'")
     if runs.empty:
-        return runs.assign(row=pd.Series(dtype=str))
+        return runs.assign(row=pd.Series(dtype=str)), []
     runs["row"] = runs.get(f"tags.{ROW_TAG}", pd.Series("", index=runs.index)).fillna("")
     runs = runs.sort_values("start_time", ascending=False).drop_duplicates(["row", "seed"])
-    return runs
+    return drop_stale(runs)
+
+
+def drop_stale(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Keep, per row, the runs configured like the row's newest run.
+
+    A row's seeds are one configuration only if their logged params agree in every key but the
+    seed ones (``query.is_seed_param``). When a row's definition changes (its overrides, or a recipe
+    or experiment file it reads), the seeds rerun so far carry the new params and the older ones
+    the old: averaging them would mix two configurations under one name. So an older run whose
+    params differ from the newest run's is left out (and named, with the keys that differ) until
+    its seed is rerun (the benchmark command does that: its identity no longer matches). A key
+    logged by one run only (a key added to the config since) is not a difference, nor are the keys
+    that say where a file or the hardware is (``WHERE_SUFFIXES``: a checkout's paths, the device);
+    the teachers' identity is the teachers table's."""
+    compared = [c for c in runs.columns if c.startswith("params.") and not is_seed_param(c)
+                and not c.endswith(WHERE_SUFFIXES)]
+    keep, notes = [], []
+    for row, part in runs.groupby("row", sort=False):
+        newest = part.iloc[0]  # runs arrive newest first
+        for index, run in part.iterrows():
+            differ = [c[len("params."):] for c in compared
+                      if pd.notna(run[c]) and pd.notna(newest[c]) and str(run[c]) != str(newest[c])]
+            if not differ:
+                keep.append(index)
+                continue
+            shown = ", ".join(f"`{k}` {run['params.' + k]} (newest: {newest['params.' + k]})" for k in sorted(differ)[:4])
+            more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+            notes.append(f"{row}, seed {run['seed']} (run `{run['run_id']}`): configured unlike the row's "
+                         f"newest run (seed {newest['seed']}): {shown}{more}; rerun this seed")
+    return runs.loc[keep], notes
 
 
 def results_table(bench: Benchmark, runs: pd.DataFrame) -> pd.DataFrame:
@@ -232,7 +266,7 @@ def write_page(bench: Benchmark, out_dir: str | Path = "docs/results") -> Page:
     """Write ``<out_dir>/<name>.md`` and ``.csv`` from the store."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = benchmark_runs(bench)
+    runs, stale = benchmark_runs(bench)
     table = results_table(bench, runs)
     metrics, teacher_run = teachers_metrics(bench)
     files: list[Path] = []
@@ -272,6 +306,8 @@ def write_page(bench: Benchmark, out_dir: str | Path = "docs/results") -> Page:
         f"epochs. The last two columns compare each row with `{bench.reference_row}`: the difference of "
         "the test means with the standard error of that difference (Welch), and the ratio of the mean "
         "run times.", "", results_markdown(table, bench.reference_row),
+        *(["Left out of the table (a run configured unlike its row's newest run):", "", items(stale), ""]
+          if stale else []),
         f"![mean validation curve of every row]({curves})", "",
         "## ASIB: the synergy against its teachers", "", synergy.synergy_markdown(asib, runs, asib_figure),
     ]

@@ -177,12 +177,16 @@ def group_columns(df: pd.DataFrame, keys: list[str]) -> list[str]:
 
 def config_signature(df: pd.DataFrame) -> pd.Series:
     """One string per run: its params except the seed ones (equal = same configuration)."""
-    cols = sorted(c for c in df.columns if c.startswith("params.")
-                  and not any(w in c[len("params."):].lower() for w in SEED_PARAM_WORDS))
+    cols = sorted(c for c in df.columns if c.startswith("params.") and not is_seed_param(c))
     if not cols:
         return pd.Series([""] * len(df), index=df.index)
     values = df[cols].astype(object).where(df[cols].notna(), "").astype(str)
     return values.agg("\x1f".join, axis=1)
+
+
+def is_seed_param(column: str) -> bool:
+    """Whether a ``params.*`` column is one that differs between the seeds of one setting."""
+    return any(word in column[len("params."):].lower() for word in SEED_PARAM_WORDS)
 
 
 def metric_histories(run_ids: list[str], keys: tuple[str, ...] = ("val/acc", "train/acc")) -> dict:
