@@ -372,27 +372,34 @@ def test_teacher_runs_pins_a_finetune_run_and_refuses_anything_else(bench, capsy
 
 
 def test_a_row_whose_definition_changed_keeps_only_the_seeds_rerun_since(bench, tmp_path):
-    """Rerun one seed of a row after changing its definition: the page must not average it with
-    the seed run under the old definition; that one is left out and named, with the key that
-    differs, until it is rerun (in a copy of the benchmark's store, so the other tests keep theirs)."""
+    """Redefine two rows and rerun one seed of one of them: the page must not average that run
+    with the seed run under the old definition, nor show the other row's old runs as its numbers.
+    The old runs are left out and named, with the key that differs, until they are rerun (in a
+    copy of the benchmark's store, so the other tests keep theirs)."""
     work = tmp_path / "copy"
     shutil.copytree(bench["work"], work)
-    changed = {**TINY, "rows": [{**TINY["rows"][0], "overrides": ["method=ce", "experiment.ce_label_smoothing=0.1"]},
-                                *TINY["rows"][1:]]}
+    ce, kd, *rest = TINY["rows"]
+    changed = {**TINY, "rows": [{**ce, "overrides": [*ce["overrides"], "experiment.ce_label_smoothing=0.1"]},
+                                {**kd, "overrides": [*kd["overrides"], "experiment.tau=2.0"]}, *rest]}
     spec = work / "tiny.yaml"
     spec.write_text(yaml.safe_dump(changed), encoding="utf-8")
     with pytest.MonkeyPatch.context() as mp:
         use_isolated_store(mp, work)
         out = _bench([f"name={spec}", "out=results", "rows=CE-only", "seeds=0"])
-        old_seed1 = [r for r in _distill_runs(work) if r.data.tags["asib.bench_row"] == "CE-only"
-                     and r.data.tags["seed"] == "1"]
-    assert "1 runs trained, 0 reused" in out and len(old_seed1) == 1
-    table = pd.read_csv(work / "results" / "tiny-digits.csv").set_index("row")
-    assert (table.loc["CE-only", "n"], str(table.loc["CE-only", "seeds"])) == (1, "0")
-    assert (table.loc["L0", "n"], table.loc["L0", "seeds"]) == (2, "0,1")          # other rows untouched
+        old = {(r.data.tags["asib.bench_row"], r.data.tags["seed"]): r.info.run_id for r in _distill_runs(work)}
+    assert "1 runs trained, 0 reused" in out
+    table = pd.read_csv(work / "results" / "tiny-digits.csv", dtype={"seeds": str}).set_index("row")
+    assert (table.loc["CE-only", "n"], table.loc["CE-only", "seeds"]) == (1, "0")
+    assert table.loc["KD (wrn_16_2)", "n"] == 0
+    assert (table.loc["L0", "n"], table.loc["L0", "seeds"]) == (2, "0,1")          # unchanged rows keep theirs
     page = (work / "results" / "tiny-digits.md").read_text(encoding="utf-8")
-    assert (f"CE-only, seed 1 (run `{old_seed1[0].info.run_id}`): configured unlike the row's newest run "
-            "(seed 0): `ce_label_smoothing` 0.0 (newest: 0.1); rerun this seed") in page
+    expected = [("CE-only", "1", "`ce_label_smoothing` 0.0 (now 0.1)"), ("KD (wrn_16_2)", "0", "`tau` 4.0 (now 2.0)"),
+                ("KD (wrn_16_2)", "1", "`tau` 4.0 (now 2.0)")]
+    for row, seed, key in expected:
+        assert (f"{row}, seed {seed} (run `{old[(row, seed)]}`): ran under another definition of the row: "
+                f"{key}; rerun this seed") in page
+    assert page.count("; rerun this seed") == len(expected)
+
 
 def test_a_benchmark_extends_another_and_takes_rows_by_name(tmp_path):
     """`extends`: fields replace the parent's, common_extra is appended, a row named by a string

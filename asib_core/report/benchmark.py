@@ -21,8 +21,12 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from asib_core.benchmark.runner import row_overrides
 from asib_core.benchmark.spec import BENCH_TAG, COMMAND_TAG, MACHINE_TAG, ROW_TAG, TEACHERS_STEP, Benchmark
+from asib_core.config import ConfigError, resolve_experiment
+from asib_core.config.reference import find_spec
 from asib_core.pipeline.common import TEACHERS_USED_TAG, git_commit
+from asib_core.tracking.params import param_items
 from asib_core.tracking import search_finished
 
 from . import plots, synergy
@@ -56,46 +60,73 @@ def page_name(bench: Benchmark) -> str:
 
 
 def benchmark_runs(bench: Benchmark) -> tuple[pd.DataFrame, list[str]]:
-    """The FINISHED distill runs of the benchmark, the newest per row and seed, less those whose
-    configuration is not their row's newest one (see :func:`drop_stale`), and one line per run
-    left out."""
+    """The FINISHED distill runs of the benchmark, the newest per row and seed, less those that
+    ran under another definition of their row than the file's (see :func:`drop_stale`), and one
+    line per run left out."""
     runs = load_runs(None, f"tags.`{BENCH_TAG}` = '{bench.name}' and tags.step = 'distill' "
                            "and attributes.status = 'FINISHED'")
     if runs.empty:
         return runs.assign(row=pd.Series(dtype=str)), []
     runs["row"] = runs.get(f"tags.{ROW_TAG}", pd.Series("", index=runs.index)).fillna("")
     runs = runs.sort_values("start_time", ascending=False).drop_duplicates(["row", "seed"])
-    return drop_stale(runs)
+    return drop_stale(bench, runs)
 
 
-def drop_stale(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Keep, per row, the runs configured like the row's newest run.
+def drop_stale(bench: Benchmark, runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Keep the runs whose logged params are their row's definition as the benchmark file now
+    resolves it; name the others, with the keys that differ.
 
-    A row's seeds are one configuration only if their logged params agree in every key but the
-    seed ones (``query.is_seed_param``). When a row's definition changes (its overrides, or a recipe
-    or experiment file it reads), the seeds rerun so far carry the new params and the older ones
-    the old: averaging them would mix two configurations under one name. So an older run whose
-    params differ from the newest run's is left out (and named, with the keys that differ) until
-    its seed is rerun (the benchmark command does that: its identity no longer matches). A key
-    logged by one run only (a key added to the config since) is not a difference, nor are the keys
-    that say where a file or the hardware is (``WHERE_SUFFIXES``: a checkout's paths, the device);
-    the teachers' identity is the teachers table's."""
-    compared = [c for c in runs.columns if c.startswith("params.") and not is_seed_param(c)
-                and not c.endswith(WHERE_SUFFIXES)]
+    When a row is redefined (its overrides, or a recipe or experiment file it reads), the seeds
+    rerun since carry the new params and the others the old: averaging them would mix two
+    configurations under one name, and a row whose runs all predate the change would show
+    numbers of another configuration. Such a run is left out until its seed is rerun (the
+    benchmark command reruns it: its identity no longer matches). Compared: every param but the
+    seed ones (``query.is_seed_param``) and those saying where a file or the hardware is
+    (``WHERE_SUFFIXES``: a checkout's paths, the device). A key a run did not log counts at its
+    default in the key reference (a key added to the config since, or one a config leaves out);
+    a key the definition leaves null and the run logged (``num_classes``) was filled at run time."""
+    expected = {row.name: row_definition(bench, row) for row in bench.rows}
     keep, notes = [], []
-    for row, part in runs.groupby("row", sort=False):
-        newest = part.iloc[0]  # runs arrive newest first
-        for index, run in part.iterrows():
-            differ = [c[len("params."):] for c in compared
-                      if pd.notna(run[c]) and pd.notna(newest[c]) and str(run[c]) != str(newest[c])]
-            if not differ:
-                keep.append(index)
-                continue
-            shown = ", ".join(f"`{k}` {run['params.' + k]} (newest: {newest['params.' + k]})" for k in sorted(differ)[:4])
-            more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
-            notes.append(f"{row}, seed {run['seed']} (run `{run['run_id']}`): configured unlike the row's "
-                         f"newest run (seed {newest['seed']}): {shown}{more}; rerun this seed")
+    for index, run in runs.iterrows():
+        wanted = expected.get(run["row"])
+        differ = [] if wanted is None else definition_differences(wanted, run)
+        if not differ:
+            keep.append(index)
+            continue
+        shown = ", ".join(f"`{key}` {ran} (now {now})" for key, ran, now in differ[:4])
+        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+        notes.append(f"{run['row']}, seed {run['seed']} (run `{run['run_id']}`): ran under another definition "
+                     f"of the row: {shown}{more}; rerun this seed")
     return runs.loc[keep], notes
+
+
+def row_definition(bench: Benchmark, row) -> dict[str, str] | None:
+    """The params a run of ``row`` logs (seed 0; no data root), or None if the row no longer
+    resolves (its runs are then kept as they are)."""
+    try:
+        cfg = resolve_experiment(row.exp, row_overrides(bench, row, None, 0)).cfg
+    except ConfigError:
+        return None
+    return param_items(cfg)
+
+
+def definition_differences(wanted: dict[str, str], run: pd.Series) -> list[tuple[str, str, str]]:
+    """(key, the run's value, the definition's) for every compared key that differs."""
+    logged = {c[len("params."):]: str(v) for c, v in run.items() if c.startswith("params.") and pd.notna(v)}
+    out = []
+    for key in sorted(set(wanted) | set(logged)):
+        if is_seed_param(f"params.{key}") or key.endswith(WHERE_SUFFIXES):
+            continue
+        now, ran = wanted.get(key, default_text(key)), logged.get(key, default_text(key))
+        if ran != now and now != "None":
+            out.append((key, ran, now))
+    return out
+
+
+def default_text(key: str) -> str:
+    """A key's default from the key reference, written as a logged param (``param_items``)."""
+    spec = find_spec(key)
+    return param_items({key: spec.default if spec is not None else None})[key]
 
 
 def results_table(bench: Benchmark, runs: pd.DataFrame) -> pd.DataFrame:
@@ -306,7 +337,7 @@ def write_page(bench: Benchmark, out_dir: str | Path = "docs/results") -> Page:
         f"epochs. The last two columns compare each row with `{bench.reference_row}`: the difference of "
         "the test means with the standard error of that difference (Welch), and the ratio of the mean "
         "run times.", "", results_markdown(table, bench.reference_row),
-        *(["Left out of the table (a run configured unlike its row's newest run):", "", items(stale), ""]
+        *(["Left out of the table (runs of an earlier definition of their row):", "", items(stale), ""]
           if stale else []),
         f"![mean validation curve of every row]({curves})", "",
         "## ASIB: the synergy against its teachers", "", synergy.synergy_markdown(asib, runs, asib_figure),
