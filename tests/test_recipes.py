@@ -128,7 +128,8 @@ def test_the_protocol_ladder_gives_an_a_step_only_to_rungs_whose_b_step_reads_th
     assert list(ladder) == ["L0 baseline", "L1 IB", "L2 CCCP", "L3 IB+CCCP+T-adapt", "L4 full",
                             "L0 on avg-KD's recipe", "L1 IB on avg-KD's recipe", "L4 full on avg-KD's recipe",
                             "L1 IB on avg-KD's recipe, calibrated synergy target",
-                            "L4 full on avg-KD's recipe, calibrated synergy target"]
+                            "L4 full on avg-KD's recipe, calibrated synergy target",
+                            "L1 IB on avg-KD's recipe, calibrated synergy target, no A-step KD toward the student"]
     for name, row in ladder.items():
         cfg = finalize_config(build_effective(row.exp, benchmark_common() + list(row.overrides)))
         assert (cfg["num_stages"], cfg["student_epochs_per_stage"]) == (2, [15, 15]), name
@@ -175,6 +176,14 @@ def test_the_ladder_on_avg_kds_recipe_differs_from_the_seeds_rung_only_in_the_re
         assert changed - {"config_sha256"} == {"tau_syn", "synergy_scale_calibration"}, name
         assert (cfg["tau_syn"], cfg["synergy_scale_calibration"]) == (None, "ensemble_entropy"), name
         assert resolved_fair[name].get("synergy_scale_calibration", "none") == "none", name
+    # the ablation: the calibrated L1 with the A-step's KD toward the student off, nothing else changed
+    calibrated, ablation = (finalize_config(build_effective("L1_ib", benchmark_common() + list(rows[name].overrides)))
+                            for name in ("L1 IB on avg-KD's recipe, calibrated synergy target",
+                                         "L1 IB on avg-KD's recipe, calibrated synergy target, "
+                                         "no A-step KD toward the student"))
+    changed = {k for k in set(calibrated) | set(ablation) if calibrated.get(k) != ablation.get(k)}
+    assert changed - {"config_sha256"} == {"teacher_adapt_alpha_kd"}
+    assert ASIBSettings.from_cfg(calibrated).a_kd_alpha == 0.35 and ASIBSettings.from_cfg(ablation).a_kd_alpha == 0.0
 
 
 def test_a_paper_recipe_trains_the_auxiliary_modules_like_the_student():
