@@ -72,7 +72,7 @@ def benchmark_file(name: str) -> Path:
     raise ConfigError(
         f"no benchmark named {name!r}: known benchmarks (configs/benchmark/) are "
         f"{', '.join(list_benchmarks()) or '(none)'}; a path to a benchmark YAML file works too. "
-        "Pass name=NAME, e.g. name=cifar10_lowdata.")
+        "Give one of these names, e.g. cifar10_lowdata (the benchmark entry point reads it as name=, report as benchmark=).")
 
 
 def flat_overrides(items) -> list[str]:
