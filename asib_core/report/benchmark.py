@@ -26,8 +26,8 @@ from asib_core.benchmark.spec import BENCH_TAG, COMMAND_TAG, MACHINE_TAG, ROW_TA
 from asib_core.config import ConfigError, resolve_experiment
 from asib_core.config.reference import find_spec
 from asib_core.pipeline.common import TEACHERS_USED_TAG, git_commit
-from asib_core.tracking.params import param_items
 from asib_core.tracking import search_finished
+from asib_core.tracking.params import param_items
 
 from . import plots, synergy
 from .query import is_seed_param, load_runs, metric_histories
