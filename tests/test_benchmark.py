@@ -429,3 +429,139 @@ def test_a_benchmark_extends_another_and_takes_rows_by_name(tmp_path):
     child.write_text("rows: [a, [b\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_benchmark(str(child))
+
+
+# -- run archives: the benchmark's runs carried to another store ------------------------------
+def _archive(argv: list[str]) -> str:
+    from pipelines.archive import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    return out.getvalue()
+
+
+def _by_origin(work) -> dict:
+    return {r.data.tags["asib.archived_from"]: r for r in all_runs(work) if "asib.archived_from" in r.data.tags}
+
+
+@pytest.fixture(scope="module")
+def archived(bench, tmp_path_factory):
+    """The benchmark's runs exported twice, then imported twice into an empty store."""
+    base = tmp_path_factory.mktemp("archive")
+    arch, again, fresh = base / "archive", base / "again", base / "fresh"
+    fresh.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        use_isolated_store(mp, bench["work"])
+        exported = _archive(["export", f"benchmark={bench['spec']}", f"out={arch}"])
+        _archive(["export", f"benchmark={bench['spec']}", f"out={again}"])
+        assert main_report([f"benchmark={bench['spec']}", "out=page"]) == 0          # bench work/page
+        use_isolated_store(mp, fresh)
+        first, second = _archive(["import", f"src={arch}"]), _archive(["import", f"src={arch}"])
+        assert main_report([f"benchmark={bench['spec']}", "out=page"]) == 0          # fresh/page
+    return {"base": base, "arch": arch, "again": again, "fresh": fresh, "exported": exported,
+            "pages": (bench["work"] / "page", fresh / "page"),
+            "first": first, "second": second}
+
+
+def main_report(argv: list[str]) -> int:
+    from pipelines.report import main
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return main(argv)
+
+
+def test_an_archive_rebuilds_the_same_results_page_in_an_empty_store(bench, archived):
+    """Every FINISHED run of the benchmark plus the runs they name (teachers, parents) travel;
+    the page rebuilt from the empty store they were imported into is the same, byte for byte."""
+    source = {r.info.run_id: r for r in all_runs(bench["work"])}
+    imported = _by_origin(archived["fresh"])
+    distill = {i for i, r in source.items() if r.data.tags.get("step") == "distill" and r.info.status == "FINISHED"}
+    assert distill and distill <= set(imported)
+    assert {source[i].data.tags.get("step") for i in imported} >= {"distill", "finetune", "bench_teachers"}
+    assert f"archived {len(imported)} runs" in archived["exported"]
+    for origin, run in imported.items():
+        was = source[origin]
+        assert (run.info.status, run.info.start_time, run.info.end_time, run.info.run_name) == \
+               (was.info.status, was.info.start_time, was.info.end_time, was.info.run_name)
+        assert run.data.params == was.data.params and run.data.metrics == was.data.metrics
+    for name in ("tiny-digits.md", "tiny-digits.csv", "tiny-digits-synergy-epochs.csv", "tiny-digits-asib-cost.csv"):
+        source_page, fresh_page = ((folder / name).read_text(encoding="utf-8") for folder in archived["pages"])
+        assert fresh_page == source_page, name
+
+
+def test_an_imported_run_names_the_imported_teachers_whose_checkpoints_are_the_same_files(bench, archived):
+    import hashlib
+
+    import mlflow
+
+    source = {r.info.run_id: r for r in all_runs(bench["work"])}
+    imported = _by_origin(archived["fresh"])
+    new_to_old = {r.info.run_id: origin for origin, r in imported.items()}
+    students = [(o, r) for o, r in imported.items() if r.data.tags.get("step") == "distill"]
+    for origin, run in students:
+        for key in ("asib.teacher1_run", "asib.teacher2_run", "mlflow.parentRunId"):
+            if key in source[origin].data.tags:
+                assert new_to_old[run.data.tags[key]] == source[origin].data.tags[key], key
+    teachers = {r.data.tags["teacher"]: (o, r) for o, r in imported.items() if r.data.tags.get("step") == "finetune"}
+    assert set(teachers) == {"resnet20", "wrn_16_2"}
+
+    def digest(run_id: str, workdir, artifact: str, dst) -> str:
+        mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(dst))
+        return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+    for name, (origin, run) in teachers.items():
+        artifact = source[origin].data.tags["asib.teacher_artifact"]
+        assert run.data.tags["asib.teacher_artifact"] == artifact
+        assert digest(run.info.run_id, archived["fresh"], artifact, archived["base"] / "dl-new" / name) == \
+               digest(origin, bench["work"], artifact, archived["base"] / "dl-old" / name)
+    pairs = ",".join(f"{n}={teachers[n][1].info.run_id}" for n in sorted(teachers))
+    assert f"teachers: teacher_runs={pairs}" in archived["first"]
+
+
+def test_importing_twice_adds_nothing_and_exporting_twice_writes_the_same_bytes(archived):
+    n = len(_by_origin(archived["fresh"]))
+    assert f"imported {n} runs" in archived["first"] and f"imported 0 runs" in archived["second"]
+    assert f"({n} were there already)" in archived["second"]
+    assert len(all_runs(archived["fresh"])) == n + 1            # and the report's own run
+    files = sorted(p.relative_to(archived["arch"]) for p in archived["arch"].rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(archived["again"]) for p in archived["again"].rglob("*") if p.is_file())
+    assert all((archived["arch"] / f).read_bytes() == (archived["again"] / f).read_bytes() for f in files)
+
+
+def test_the_imported_store_continues_the_benchmark_reusing_every_run(bench, archived):
+    """The same command on the imported store (same code): the teachers are found by identity,
+    their checkpoints pinned from the imported artifacts, and every student run is reused."""
+    with pytest.MonkeyPatch.context() as mp:
+        use_isolated_store(mp, archived["fresh"])
+        before = _training_runs(archived["fresh"])
+        out = _bench([f"name={bench['spec']}", "report=false"])
+        assert _training_runs(archived["fresh"]) == before
+    assert "0 runs trained, 8 reused" in out, out[-3000:]
+
+
+def test_a_killed_import_leaves_no_half_imported_run_and_a_bad_archive_is_refused(archived, tmp_path):
+    from fault_helpers import SIGKILLED, run_step
+
+    target = tmp_path / "store"
+    target.mkdir()
+    killed = run_step("pipelines.archive", ["import", f"src={archived['arch']}"], target, fault="archive.import#3")
+    assert killed.returncode == SIGKILLED
+    again = run_step("pipelines.archive", ["import", f"src={archived['arch']}"], target)
+    assert again.returncode == 0, again.stderr[-2000:]
+    n = len(_by_origin(archived["fresh"]))
+    assert f"deleted {n - 2} half-imported runs" in again.stdout      # killed at its third run
+    assert f"imported {n - 2} runs" in again.stdout and "(2 were there already)" in again.stdout
+    runs = all_runs(target)
+    assert len(runs) == n and all(r.info.status != "RUNNING" for r in runs)
+    assert all("asib.import_pending" not in r.data.tags for r in runs)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(archived["arch"], broken)
+    victim = next((broken / "artifacts").rglob("*.pth"))
+    victim.write_bytes(victim.read_bytes()[:100])
+    for src, says in ((broken, f"{victim} is missing or differs"), (tmp_path / "nothing", "no run archive at")):
+        proc = run_module("pipelines.archive", ["import", f"src={src}"], tmp_path)
+        assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = ["config", "distill", "evaluate", "finetune", "main", "report", "sweep", "docs", "benchmark"]
+ENTRY_POINTS = ["config", "distill", "evaluate", "finetune", "main", "report", "sweep", "docs", "benchmark", "archive"]
 
 
 def test_experiment_next_to_exp_is_refused(workdir, capsys):

@@ -99,9 +99,10 @@ def test_overrides_win_over_the_recipe_and_clashes_are_refused():
 
 # -- fidelity to the reference implementations ------------------------------------------------
 def test_the_protocol_rows_read_the_teachers_the_protocol_names():
-    """benchmark-protocol.md: KD from each teacher, avg-KD from both, the feature baselines from
-    one teacher (resnet20, the student's family: kd_teacher_index 0); AB reads it in its first
-    stage only; the results page shows this as each row's `teachers used` (the run tag)."""
+    """benchmark-protocol.md: KD from each teacher, avg-KD from both, the single-teacher baselines
+    from wrn_16_2 (kd_teacher_index 1: none needs a same-family pair); AB reads it in its first
+    stage only; the results page shows this as each row's `teachers used` (the run tag). The
+    one-teacher slice (cifar10_lowdata_resnet20.yaml) keeps resnet20 -> resnet8."""
     from asib_core.benchmark import load_benchmark
 
     expected = {"CE-only": [], "KD (resnet20)": [0], "KD (wrn_16_2)": [1], "avg-KD": [0, 1],
@@ -114,7 +115,13 @@ def test_the_protocol_rows_read_the_teachers_the_protocol_names():
         torch.manual_seed(0)
         teachers = [create_model("resnet20", num_classes=10), create_model("wrn_16_2", num_classes=10)]
         distiller = build_distiller(cfg, create_model("resnet8", num_classes=10), teachers)
-        assert distiller.teachers_used() == expected.get(row.name, [0]), row.name
+        assert distiller.teachers_used() == expected.get(row.name, [1]), row.name
+        if row.name == "DKD":
+            assert cfg["dkd_beta"] == 6.0          # mdistiller's beta for a WRN teacher (dkd_paper: 2)
+    same_family = load_benchmark("cifar10_lowdata_resnet20")
+    for row in same_family.rows:
+        cfg = finalize_config(build_effective(row.exp, benchmark_common() + list(row.overrides)))
+        assert cfg["kd_teacher_index"] == 0, row.name
 
 
 def test_the_protocol_ladder_gives_an_a_step_only_to_rungs_whose_b_step_reads_the_synergy():
