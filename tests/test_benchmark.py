@@ -565,3 +565,15 @@ def test_a_killed_import_leaves_no_half_imported_run_and_a_bad_archive_is_refuse
         proc = run_module("pipelines.archive", ["import", f"src={src}"], tmp_path)
         assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_an_interrupted_import_deletes_the_runs_it_had_begun(archived, tmp_path):
+    """Ctrl-C (SIGINT) in the middle: exit 130, the runs already complete stay, the others are
+    gone at once (not RUNNING, not waiting for the next command)."""
+    from fault_helpers import run_step
+
+    proc = run_step("pipelines.archive", ["import", f"src={archived['arch']}"], tmp_path,
+                    fault="archive.import#2", signal_name="INT")
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    runs = all_runs(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and "asib.import_pending" not in runs[0].data.tags

@@ -272,16 +272,16 @@ def import_records(src: Path, records: list[dict]) -> ImportResult:
     result = ImportResult(discarded=discard_partial_imports())
     ids = _known_ids()
     todo = []
-    for record in records:
-        if record["run_id"] in ids:
-            result.skipped.append(record["run_id"])
-            continue
-        experiment_id = ensure_experiment(record["experiment"])
-        run = client.create_run(experiment_id, start_time=record["start_time"], run_name=record["run_name"],
-                                tags={PENDING_TAG: record["run_id"], OWNER_TAG: owner_id()})
-        ids[record["run_id"]] = run.info.run_id
-        todo.append((record, run.info.run_id))
     try:
+        for record in records:          # every run first, so that tags can name any of them
+            if record["run_id"] in ids:
+                result.skipped.append(record["run_id"])
+                continue
+            experiment_id = ensure_experiment(record["experiment"])
+            run = client.create_run(experiment_id, start_time=record["start_time"], run_name=record["run_name"],
+                                    tags={PENDING_TAG: record["run_id"], OWNER_TAG: owner_id()})
+            ids[record["run_id"]] = run.info.run_id
+            todo.append((record, run.info.run_id))
         for record, new_id in todo:
             _fill(client, new_id, record, ids, src)
             fault_point("archive.import")
