@@ -60,18 +60,19 @@ def _export(benchmark: str, flt: str, out: str, artifacts: str) -> int:
     if bool(benchmark) == bool(flt):
         raise ConfigError("archive export selects runs by benchmark=NAME or by filter=\"<MLflow filter>\" "
                           f"(one of the two); got {'both' if benchmark else 'neither'}.")
-    from asib_core.benchmark.spec import BENCH_TAG, load_benchmark
+    if flt and not out:
+        raise ConfigError("archive export with filter= needs out=DIR, the folder to write.")
+    from asib_core.benchmark.archive import default_archive_dir, export_benchmark
+    from asib_core.benchmark.spec import load_benchmark
     from asib_core.tracking import configure_tracking
     from asib_core.tracking.archive import export_runs, search_all, with_referenced
 
-    if benchmark:
-        bench = load_benchmark(benchmark)
-        flt = f"tags.`{BENCH_TAG}` = '{bench.name}' and attributes.status = 'FINISHED' and tags.step != 'report'"
-        out = out or f"docs/results/{bench.name}-runs"
-    elif not out:
-        raise ConfigError("archive export with filter= needs out=DIR, the folder to write.")
+    bench = load_benchmark(benchmark) if benchmark else None      # an unknown name: before the store opens
     uri = configure_tracking()
-    result = export_runs(with_referenced(search_all(flt)), out, artifacts=artifacts, selection=flt)
+    if bench is not None:
+        result = export_benchmark(bench, out or default_archive_dir(bench), artifacts)
+    else:
+        result = export_runs(with_referenced(search_all(flt)), out, artifacts=artifacts, selection=flt)
     print(f"archived {result.runs} runs of {uri} ({result.points} metric points, {result.artifacts} artifacts, "
           f"{result.bytes / 1e6:.1f} MB) in {result.out}")
     return 0

@@ -71,7 +71,7 @@ def bench(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         use_isolated_store(mp, work)
         partial = _bench([*args, "rows=CE-only", "seeds=0", "report=false"])   # stopped after one run
-        first = _bench(args)
+        first = _bench([*args, f"archive={work / 'live-archive'}"])
         after_first = _training_runs(work)
         second = _bench(args)
         yield {"work": work, "spec": spec, "partial": partial, "first": first, "second": second,
@@ -449,7 +449,7 @@ def _by_origin(work) -> dict:
 def archived(bench, tmp_path_factory):
     """The benchmark's runs exported twice, then imported twice into an empty store."""
     base = tmp_path_factory.mktemp("archive")
-    arch, again, fresh = base / "archive", base / "again", base / "fresh"
+    arch, again, reexported, fresh = base / "archive", base / "again", base / "reexported", base / "fresh"
     fresh.mkdir()
     with pytest.MonkeyPatch.context() as mp:
         use_isolated_store(mp, bench["work"])
@@ -458,8 +458,10 @@ def archived(bench, tmp_path_factory):
         assert main_report([f"benchmark={bench['spec']}", "out=page"]) == 0          # bench work/page
         use_isolated_store(mp, fresh)
         first, second = _archive(["import", f"src={arch}"]), _archive(["import", f"src={arch}"])
+        _archive(["export", f"benchmark={bench['spec']}", f"out={reexported}"])
         assert main_report([f"benchmark={bench['spec']}", "out=page"]) == 0          # fresh/page
-    return {"base": base, "arch": arch, "again": again, "fresh": fresh, "exported": exported,
+    return {"base": base, "arch": arch, "again": again, "reexported": reexported, "fresh": fresh,
+            "exported": exported,
             "pages": (bench["work"] / "page", fresh / "page"),
             "first": first, "second": second}
 
@@ -469,6 +471,45 @@ def main_report(argv: list[str]) -> int:
 
     with contextlib.redirect_stdout(io.StringIO()):
         return main(argv)
+
+
+def test_the_benchmark_rewrites_its_archive_after_the_teachers_and_every_trained_run(bench):
+    """archive=DIR: once the teachers are evaluated and after each run it trains, the folder holds
+    every FINISHED run so far, with the teachers' checkpoints (read_archive checks the manifest)."""
+    from asib_core.tracking.archive import read_archive
+
+    src, records = read_archive(bench["work"] / "live-archive")
+    trained = bench["first"].count(": trained in ")
+    assert trained == 7 and bench["first"].count("archive: ") == 1 + trained
+    assert f"archive: {len(records)} runs in {src}" in bench["first"]
+    ids = {r["run_id"] for r in records}
+    assert {r.info.run_id for r in _distill_runs(bench["work"])} <= ids          # all 8, the partial's too
+    teachers = [r for r in records if r["tags"].get("step") == "finetune"]
+    assert sorted(r["tags"]["teacher"] for r in teachers) == ["resnet20", "wrn_16_2"]
+    assert all(r["artifacts"] and (src / "artifacts" / r["run_id"] / r["artifacts"][0]).is_file() for r in teachers)
+    assert all(r["status"] == "FINISHED" for r in records)
+
+
+def test_the_committed_protocol_archive_is_intact_and_its_teachers_load():
+    """docs/results/cifar10-lowdata-runs (committed): every file as its manifest says, the
+    protocol's two teachers with checkpoints that load (weights only) into the registry's models."""
+    from pathlib import Path
+
+    import torch
+
+    from asib_core.benchmark import load_benchmark
+    from asib_core.models import create_model
+    from asib_core.tracking.archive import read_archive
+
+    bench = load_benchmark("cifar10_lowdata")
+    src, records = read_archive(Path(__file__).resolve().parents[1] / "docs/results" / f"{bench.name}-runs")
+    teachers = {r["tags"]["teacher"]: r for r in records if r["tags"].get("step") == "finetune"}
+    assert sorted(teachers) == sorted(t["teacher"] for t in bench.teachers)
+    for name, record in teachers.items():
+        state = torch.load(src / "artifacts" / record["run_id"] / record["artifacts"][0], weights_only=True)
+        assert state["meta"]["teacher"] == name and state["meta"]["run_id"] == record["run_id"]
+        assert state["meta"]["test_acc"] == pytest.approx(record["metrics"]["test/acc"][-1][2], abs=1e-4)
+        create_model(name, num_classes=10).load_state_dict(state["model"])        # strict
 
 
 def test_an_archive_rebuilds_the_same_results_page_in_an_empty_store(bench, archived):
@@ -523,13 +564,17 @@ def test_an_imported_run_names_the_imported_teachers_whose_checkpoints_are_the_s
 
 
 def test_importing_twice_adds_nothing_and_exporting_twice_writes_the_same_bytes(archived):
+    """Exporting the same runs again, or exporting the store they were imported into (new run
+    ids), writes the archive byte for byte: runs keep their original ids from store to store."""
     n = len(_by_origin(archived["fresh"]))
     assert f"imported {n} runs" in archived["first"] and f"imported 0 runs" in archived["second"]
     assert f"({n} were there already)" in archived["second"]
     assert len(all_runs(archived["fresh"])) == n + 1            # and the report's own run
     files = sorted(p.relative_to(archived["arch"]) for p in archived["arch"].rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(archived["again"]) for p in archived["again"].rglob("*") if p.is_file())
-    assert all((archived["arch"] / f).read_bytes() == (archived["again"] / f).read_bytes() for f in files)
+    assert any(f.parts[0] == "artifacts" for f in files)
+    for other in (archived["again"], archived["reexported"]):
+        assert files == sorted(p.relative_to(other) for p in other.rglob("*") if p.is_file())
+        assert all((archived["arch"] / f).read_bytes() == (other / f).read_bytes() for f in files)
 
 
 def test_the_imported_store_continues_the_benchmark_reusing_every_run(bench, archived):

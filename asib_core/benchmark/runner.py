@@ -152,7 +152,9 @@ class Progress:
 
 def run_benchmark(name: str, rows: str = "", seeds: str = "", *, dry_run: bool = False, report: bool = True,
                   out_dir: str = "docs/results", command: str = "", teacher_runs: dict[str, str] | None = None,
-                  echo=print) -> BenchmarkResult:
+                  archive: str = "", echo=print) -> BenchmarkResult:
+    """``archive``: a folder rewritten with the benchmark's runs as a run archive after the
+    teachers' evaluation and after every trained run (empty: none)."""
     setup_logging()
     bench = load_benchmark(name)
     chosen, seed_list = select_rows(bench, rows), select_seeds(bench, seeds)
@@ -174,7 +176,8 @@ def run_benchmark(name: str, rows: str = "", seeds: str = "", *, dry_run: bool =
         parent_experiment = MlflowClient().get_experiment(parent.experiment_id).name
         # the steps are runs of their own under the parent, not the run `mlflow run` made for it
         with scoped_environ(MLFLOW_RUN_ID=None, MLFLOW_EXPERIMENT_NAME=parent_experiment):
-            result = _execute(bench, chosen, seed_list, root, configs, teachers, parent.run_id, tags, echo)
+            result = _execute(bench, chosen, seed_list, root, configs, teachers, parent.run_id, tags, echo,
+                              Archiver(bench, archive, echo))
             result.parent_run_id = parent.run_id
             if report:
                 from asib_core.report.benchmark import write_page
@@ -185,10 +188,11 @@ def run_benchmark(name: str, rows: str = "", seeds: str = "", *, dry_run: bool =
     return result
 
 
-def _execute(bench, rows, seeds, root, configs, teachers, parent_id, tags, echo) -> BenchmarkResult:
+def _execute(bench, rows, seeds, root, configs, teachers, parent_id, tags, echo, archiver) -> BenchmarkResult:
     train_teachers(bench, teachers, parent_id, echo)
     first = next(iter(configs.values()))
     evaluate_teachers(bench, teachers, first, parent_id, tags, echo)
+    archiver.save()
     plan = plan_runs(bench, rows, seeds, root, configs, teachers)
     progress = Progress(plan, echo)
     client = MlflowClient()
@@ -205,7 +209,22 @@ def _execute(bench, rows, seeds, root, configs, teachers, parent_id, tags, echo)
         result = run_distill(item.row.exp, item.overrides, parent_run_id=parent_id, extra_tags=run_tags)
         item.run_id, item.metrics = result.run_id, result.metrics
         progress.line(k, item, time.perf_counter() - start)
+        archiver.save()
     return BenchmarkResult(bench, plan, teachers)
+
+
+class Archiver:
+    """Keeps a run archive of the benchmark current while it runs (nothing without a folder)."""
+
+    def __init__(self, bench: Benchmark, out: str, echo):
+        self.bench, self.out, self.echo = bench, out, echo
+
+    def save(self) -> None:
+        if self.out:
+            from .archive import export_benchmark
+
+            result = export_benchmark(self.bench, self.out)
+            self.echo(f"archive: {result.runs} runs in {result.out}")
 
 
 def _pinned_path(bench: Benchmark, teacher: Teacher):

@@ -15,6 +15,10 @@ lost), and seeds run on several machines can be merged into one store for one ta
 
 The export is deterministic (sorted records, a gzip stream without a timestamp): exporting the
 same runs twice writes the same bytes, so a committed archive changes only when its runs do.
+Every run is written under its original id: an imported run under the id it was made with (its
+``asib.archived_from``), and a tag naming another run of the archive by that run's original id.
+So a store continued from an archive exports that archive's records unchanged plus its new
+runs, and archives exported on several machines from one archive import without duplicates.
 
 Importing creates each run anew (MLflow gives it a new id) with the run's own start and end
 time, status, params, tags and metric points, its artifacts, and the tag ``asib.archived_from``
@@ -55,7 +59,7 @@ PENDING_TAG = "asib.import_pending"
 TEACHER_ARTIFACT_TAG = "asib.teacher_artifact"
 ARTIFACT_CHOICES = ("teachers", "all", "none")
 #: the tags of a run that belong to the process or store that held it, not to the run's content
-LOCAL_TAGS = (OWNER_TAG, PENDING_TAG)
+LOCAL_TAGS = (OWNER_TAG, PENDING_TAG, ARCHIVED_FROM_TAG)
 MAX_BATCH = {"metrics": 1000, "params": 100, "tags": 100}   # MLflow's log_batch limits
 
 
@@ -138,16 +142,24 @@ def _artifact_paths(client: MlflowClient, run, which: str) -> list[str]:
     return sorted(found)
 
 
-def run_record(client: MlflowClient, run, experiments: dict[str, str], artifacts: list[str]) -> dict:
+def origin_ids(runs: list) -> dict[str, str]:
+    """id in this store -> the run's original id (``asib.archived_from`` of an imported run)."""
+    return {run.info.run_id: run.data.tags.get(ARCHIVED_FROM_TAG) or run.info.run_id for run in runs}
+
+
+def run_record(client: MlflowClient, run, experiments: dict[str, str], artifacts: list[str],
+               origins: dict[str, str]) -> dict:
+    """The run as the archive holds it: under its original id, with every tag that names a run
+    of the archive naming that run's original id (so re-exporting imported runs changes nothing)."""
     metrics = {}
     for key in sorted(run.data.metrics):
         history = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp))
         metrics[key] = [[m.step, m.timestamp, m.value] for m in history]
-    return {"run_id": run.info.run_id, "experiment": experiments[run.info.experiment_id],
+    return {"run_id": origins[run.info.run_id], "experiment": experiments[run.info.experiment_id],
             "run_name": run.info.run_name, "status": run.info.status,
             "start_time": run.info.start_time, "end_time": run.info.end_time,
             "params": dict(sorted(run.data.params.items())),
-            "tags": {k: v for k, v in sorted(run.data.tags.items()) if k not in LOCAL_TAGS},
+            "tags": {k: origins.get(v, v) for k, v in sorted(run.data.tags.items()) if k not in LOCAL_TAGS},
             "metrics": metrics, "artifacts": artifacts}
 
 
@@ -165,13 +177,14 @@ def export_runs(runs: list, out: str | Path, *, artifacts: str = "teachers", sel
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / ARTIFACTS_DIR).mkdir(parents=True)
     records, files, points = [], {}, 0
-    for run in runs:
+    origins = origin_ids(runs)
+    for run in sorted(runs, key=lambda r: (r.info.start_time or 0, origins[r.info.run_id])):
         paths = _artifact_paths(client, run, artifacts)
         for path in paths:
-            dst = tmp / ARTIFACTS_DIR / run.info.run_id / Path(path).parent
+            dst = tmp / ARTIFACTS_DIR / origins[run.info.run_id] / Path(path).parent
             dst.mkdir(parents=True, exist_ok=True)
             mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=path, dst_path=str(dst))
-        record = run_record(client, run, experiments, paths)
+        record = run_record(client, run, experiments, paths, origins)
         points += sum(len(h) for h in record["metrics"].values())
         records.append(record)
     with open(tmp / RUNS_FILE, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as fh:
