@@ -23,7 +23,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pipeline_helpers import all_runs, env_for
+from pipeline_helpers import all_runs, default_ctrl_c, env_for
 
 SIGKILLED = -signal.SIGKILL
 TMP_PATTERNS = ("*.tmp*", ".*.tmp*")
@@ -46,7 +46,8 @@ def start_step(module: str, args: list[str], workdir: Path, *, fault: str | None
                group: bool = False, signal_name: str | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", module, *args], cwd=workdir,
                             env=_env(workdir, fault, group, signal_name),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=default_ctrl_c)
 
 
 def run_step(module: str, args: list[str], workdir: Path, *, fault: str | None = None, group: bool = False,

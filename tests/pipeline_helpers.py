@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_DISTILL = ["experiment.student_epochs_per_stage=[2]", "experiment.dataset.train_per_class=20",
                 "experiment.dataset.batch_size=64", "experiment.eval_batch_size=256"]
 TINY_FINETUNE = ["finetune_epochs=2", "dataset.train_per_class=20"]
+
+
+def default_ctrl_c() -> None:
+    """Give a child Ctrl-C as a terminal gives it (``preexec_fn``): pytest-xdist workers, and
+    commands a shell starts in the background, ignore SIGINT, and an ignored signal is
+    inherited, so Python in the child would never raise KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def env_for(workdir: Path) -> dict:

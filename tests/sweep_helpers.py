@@ -9,7 +9,6 @@ import pwd
 import shlex
 import shutil
 import socket
-import signal
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 import optuna
 from mlflow.tracking import MlflowClient
 
-from tests.pipeline_helpers import env_for
+from tests.pipeline_helpers import default_ctrl_c, env_for
 
 
 class NoPostgres(RuntimeError):
@@ -81,12 +80,6 @@ def start_worker(home: Path, args: list[str], worker: int = 0, env: dict | None 
     return subprocess.Popen([sys.executable, "-m", "pipelines.sweep", *args, f"worker={worker}"], cwd=home,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=default_ctrl_c)
-
-
-def default_ctrl_c() -> None:
-    """Give the child Ctrl-C as a terminal gives it: pytest-xdist workers ignore SIGINT, and an
-    ignored signal is inherited, so Python in the child would never raise KeyboardInterrupt."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def runs_of(study_name: str):
