@@ -65,14 +65,14 @@ def _export(benchmark: str, flt: str, out: str, artifacts: str) -> int:
     from asib_core.benchmark.archive import default_archive_dir, export_benchmark
     from asib_core.benchmark.spec import load_benchmark
     from asib_core.tracking import configure_tracking
-    from asib_core.tracking.archive import export_runs, search_all, with_referenced
+    from asib_core.tracking.archive import export_matching
 
     bench = load_benchmark(benchmark) if benchmark else None      # an unknown name: before the store opens
     uri = configure_tracking()
     if bench is not None:
         result = export_benchmark(bench, out or default_archive_dir(bench), artifacts)
     else:
-        result = export_runs(with_referenced(search_all(flt)), out, artifacts=artifacts, selection=flt)
+        result = export_matching(flt, out, artifacts)
     print(f"archived {result.runs} runs of {uri} ({result.points} metric points, {result.artifacts} artifacts, "
           f"{result.bytes / 1e6:.1f} MB) in {result.out}")
     return 0

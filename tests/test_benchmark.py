@@ -454,6 +454,7 @@ def archived(bench, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         use_isolated_store(mp, bench["work"])
         exported = _archive(["export", f"benchmark={bench['spec']}", f"out={arch}"])
+        _archive(["export", "filter=tags.step = 'finetune'", f"out={base / 'teachers'}"])
         _archive(["export", f"benchmark={bench['spec']}", f"out={again}"])
         assert main_report([f"benchmark={bench['spec']}", "out=page"]) == 0          # bench work/page
         use_isolated_store(mp, fresh)
@@ -529,6 +530,21 @@ def test_an_archive_rebuilds_the_same_results_page_in_an_empty_store(bench, arch
     for name in ("tiny-digits.md", "tiny-digits.csv", "tiny-digits-synergy-epochs.csv", "tiny-digits-asib-cost.csv"):
         source_page, fresh_page = ((folder / name).read_text(encoding="utf-8") for folder in archived["pages"])
         assert fresh_page == source_page, name
+
+
+def test_an_export_by_filter_holds_the_matching_runs_and_the_runs_they_name(bench, archived):
+    """filter="tags.step = 'finetune'": the two teachers with their checkpoints, plus each run a
+    teacher's tags name (its benchmark parent), and not one student run."""
+    from asib_core.tracking.archive import read_archive
+
+    src, records = read_archive(archived["base"] / "teachers")
+    source = {r.info.run_id: r for r in all_runs(bench["work"])}
+    teachers = {i for i, r in source.items() if r.data.tags.get("step") == "finetune"}
+    named = {v for i in teachers for v in source[i].data.tags.values() if v in source}
+    assert len(teachers) == 2 and {r["run_id"] for r in records} == teachers | named
+    assert all(r["tags"].get("step") != "distill" for r in records)
+    assert all((src / "artifacts" / r["run_id"] / r["artifacts"][0]).is_file()
+               for r in records if r["run_id"] in teachers)
 
 
 def test_an_imported_run_names_the_imported_teachers_whose_checkpoints_are_the_same_files(bench, archived):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from asib_core.tracking.archive import ExportResult, export_runs, search_all, with_referenced
+from asib_core.tracking.archive import ExportResult, export_matching
 
 from .spec import BENCH_TAG, Benchmark
 
@@ -21,5 +21,4 @@ def benchmark_filter(bench: Benchmark) -> str:
 
 def export_benchmark(bench: Benchmark, out: str | Path, artifacts: str = "teachers") -> ExportResult:
     """Archive the benchmark's runs and every run they name (teachers, parents) in ``out``."""
-    flt = benchmark_filter(bench)
-    return export_runs(with_referenced(search_all(flt)), out, artifacts=artifacts, selection=flt)
+    return export_matching(benchmark_filter(bench), out, artifacts)

@@ -117,7 +117,7 @@ def with_referenced(runs: list) -> list:
             if other.info.status != "RUNNING" and other.info.lifecycle_stage == "active":
                 chosen[value] = other
                 todo.append(other)
-    return sorted(chosen.values(), key=lambda r: (r.info.start_time or 0, r.info.run_id))
+    return list(chosen.values())
 
 
 # -- export ----------------------------------------------------------------------------------
@@ -200,6 +200,11 @@ def export_runs(runs: list, out: str | Path, *, artifacts: str = "teachers", sel
     tmp.rename(out)
     n_artifacts = sum(len(r["artifacts"]) for r in records)
     return ExportResult(out, len(records), points, n_artifacts, sum(f["bytes"] for f in files.values()))
+
+
+def export_matching(filter_string: str, out: str | Path, artifacts: str = "teachers") -> ExportResult:
+    """Archive the runs that match ``filter_string`` and every ended run they name, in ``out``."""
+    return export_runs(with_referenced(search_all(filter_string)), out, artifacts=artifacts, selection=filter_string)
 
 
 # -- import ----------------------------------------------------------------------------------
