@@ -239,17 +239,33 @@ def provenance(runs: pd.DataFrame, teacher_run: str | None, row_order: list[str]
 SELECTORS = ("rows", "seeds")
 
 
-def collapsed_commands(commands: list[str], row_order: list[str] = ()) -> list[str]:
+def inside_checkout(word: str, root: Path) -> str:
+    """``word`` (``key=value`` or a bare value) with an absolute path inside ``root`` written
+    relative to it: the page names ``archive=docs/results/...``, not one machine's checkout."""
+    key, sep, value = word.rpartition("=") if "=" in word else ("", "", word)
+    path = Path(value)
+    if not path.is_absolute():
+        return word
+    try:
+        return f"{key}{sep}{path.relative_to(root).as_posix() or '.'}"
+    except ValueError:
+        return word
+
+
+def collapsed_commands(commands: list[str], row_order: list[str] = (), root: Path | None = None) -> list[str]:
     """The recorded commands (markdown), those that differ only in their ``rows=`` / ``seeds=``
     arguments merged into one line with ``<row>`` / ``<seed>`` in their place and the pairs run
     (rows in ``row_order``, seeds ascending): a protocol fed row by row and seed by seed reads as
-    one command, not dozens."""
+    one command, not dozens. Absolute paths inside ``root`` (default: the working directory, the
+    checkout the page is written in) are shown relative to it."""
+    root = (root or Path.cwd()).resolve()
     groups: dict[str, dict[str, set[str]]] = {}
     for cmd in commands:
         try:
-            words = shlex.split(cmd)
+            words = [inside_checkout(w, root) for w in shlex.split(cmd)]
         except ValueError:
             words = []
+        cmd = shlex.join(words) if words else cmd
         pairs = [w.split("=", 1) if "=" in w else (w, "") for w in words]
         picked = {key: value for key, value in pairs if key in SELECTORS}
         if not picked:
