@@ -162,17 +162,19 @@ def test_commands_fed_row_by_row_collapse_into_one_line_per_command():
         f"`{base} rows=<row> seeds=<seed>`, run for CE-only: seeds 0"]
 
 
-def test_the_page_names_paths_inside_its_checkout_relative_to_it(tmp_path):
+def test_the_page_names_paths_inside_a_checkout_relative_to_it(tmp_path):
     """A command recorded with ``archive=<checkout>/docs/results/x-runs`` is shown as
-    ``archive=docs/results/x-runs``; a path outside the checkout is left as it was recorded."""
+    ``archive=docs/results/x-runs`` (the checkout: the nearest folder above with ``.git``); a
+    path in no checkout is left as it was recorded."""
     from asib_core.report.benchmark import collapsed_commands
 
     root = tmp_path / "checkout"
+    (root / ".git").mkdir(parents=True)
     base = "python -m pipelines.benchmark name=p"
     cmds = [f"{base} rows=CE-only seeds=0 archive={root}/docs/results/p-runs",
             f"{base} rows=CE-only seeds=1 archive={root}/docs/results/p-runs",
             f"python -m pipelines.archive import src={tmp_path}/elsewhere"]
-    assert collapsed_commands(cmds, ["CE-only"], root=root) == [
+    assert collapsed_commands(cmds, ["CE-only"]) == [
         f"`{base} rows=<row> seeds=<seed> archive=docs/results/p-runs`, run for CE-only: seeds 0, 1",
         f"`python -m pipelines.archive import src={tmp_path}/elsewhere`"]
 

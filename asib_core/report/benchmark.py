@@ -239,30 +239,29 @@ def provenance(runs: pd.DataFrame, teacher_run: str | None, row_order: list[str]
 SELECTORS = ("rows", "seeds")
 
 
-def inside_checkout(word: str, root: Path) -> str:
-    """``word`` (``key=value`` or a bare value) with an absolute path inside ``root`` written
-    relative to it: the page names ``archive=docs/results/...``, not one machine's checkout."""
+def inside_checkout(word: str) -> str:
+    """``word`` (``key=value`` or a bare value) with an absolute path that lies in a git checkout
+    written relative to that checkout's root: the page names ``archive=docs/results/...``, not one
+    machine's folder, and reads the same whichever folder it is generated from."""
     key, sep, value = word.rpartition("=") if "=" in word else ("", "", word)
     path = Path(value)
     if not path.is_absolute():
         return word
-    try:
-        return f"{key}{sep}{path.relative_to(root).as_posix() or '.'}"
-    except ValueError:
-        return word
+    for folder in (path, *path.parents):
+        if (folder / ".git").exists():
+            return f"{key}{sep}{path.relative_to(folder).as_posix()}"
+    return word
 
 
-def collapsed_commands(commands: list[str], row_order: list[str] = (), root: Path | None = None) -> list[str]:
+def collapsed_commands(commands: list[str], row_order: list[str] = ()) -> list[str]:
     """The recorded commands (markdown), those that differ only in their ``rows=`` / ``seeds=``
     arguments merged into one line with ``<row>`` / ``<seed>`` in their place and the pairs run
     (rows in ``row_order``, seeds ascending): a protocol fed row by row and seed by seed reads as
-    one command, not dozens. Absolute paths inside ``root`` (default: the working directory, the
-    checkout the page is written in) are shown relative to it."""
-    root = (root or Path.cwd()).resolve()
+    one command, not dozens. An absolute path inside a git checkout is shown relative to its root."""
     groups: dict[str, dict[str, set[str]]] = {}
     for cmd in commands:
         try:
-            words = [inside_checkout(w, root) for w in shlex.split(cmd)]
+            words = [inside_checkout(w) for w in shlex.split(cmd)]
         except ValueError:
             words = []
         cmd = shlex.join(words) if words else cmd
