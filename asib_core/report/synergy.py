@@ -158,7 +158,10 @@ def synergy_epochs_markdown(epochs: pd.DataFrame, runs: pd.DataFrame, figure: st
               "ensemble", "oracle", "synergy - ensemble"]
     rows = [[e["row"], e["stage"], e["epoch"], e["n"], *(number(e[n]) for n in names),
              number(e["synergy_minus_ensemble"], signed=True)] for _, e in epochs.iterrows()]
-    parts = ["Validation top-1 (%) at the end of each A-step epoch, mean over the row's seeds (n).", "",
+    parts = ["Validation top-1 (%) at the end of each A-step epoch, mean over the row's seeds (n). "
+             "The ensemble here is the one the synergy is mixed with in the B-step (`weighted_conf`: each "
+             "teacher's softmax weighted by its confidence), not the plain mean of the teachers table, so the "
+             "two ensemble figures may differ a little.", "",
              markdown_table(header, rows)]
     if figure:
         parts += [f"![synergy against the teachers per A-step epoch]({figure})", ""]
