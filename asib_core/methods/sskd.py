@@ -12,7 +12,11 @@ its SS head learns the contrastive prediction "which of the B originals is this 
 (``sskd_ss_ce_loss`` at T = 1, as in the official code), SGD lr 0.05, momentum 0.9, weight decay
 5e-4, lr x0.1 at 50 % and 75 % of the stage (official: 60 epochs, milestones 30 / 45).
 Length: ``sskd_pretrain_epochs`` if set, else ``min(60, ceil(total student epochs / 4))`` (60
-before a 240-epoch run).
+before a 240-epoch run). Each epoch logs the head's matching accuracy on the validation split
+(``sskd_pretrain/val_ss_acc``); the frozen teacher's features of the four rotations of those
+(unaugmented) images are the same every epoch, so the teacher runs over them once per run and
+later epochs run only the head (``TeacherFeatureCache``): before, the teacher's validation passes
+cost as much as its training passes.
 
 Stage 2, the student epochs (every entry already weighted, T = ctx.tau)::
 
@@ -44,6 +48,7 @@ from asib_core.losses import (
 )
 
 from ._probe import needed_teachers, probe_shapes, teacher_forward
+from .asib.teacher_cache import TeacherFeatureCache
 from asib_core.contract import Batch, Distiller, TrainContext
 from .registry import register_method
 from .targets import target_probs
@@ -91,6 +96,18 @@ def pretrain_epochs(cfg: dict, total_epochs: int) -> int:
     return min(PRETRAIN_MAX_EPOCHS, max(1, share))
 
 
+class OnRotations:
+    """A frozen teacher called on the four rotations of its input (``feat_2d`` rows ``4b + k``),
+    for :class:`TeacherFeatureCache`; a plain callable, so the distiller does not register the
+    teacher a second time."""
+
+    def __init__(self, teacher: nn.Module):
+        self.teacher = teacher
+
+    def __call__(self, x: torch.Tensor) -> dict:
+        return self.teacher(rotate4(x))
+
+
 @register_method("sskd")
 class SSKD(Distiller):
     def __init__(self, student, teachers, cfg):
@@ -106,6 +123,7 @@ class SSKD(Distiller):
         self.ss_head_s = SSHead(s_dim).to(device)
         # teacher side: trained in pretrain() only, never by the student optimiser
         self.ss_head_t = SSHead(t_dim).to(device)
+        self.val_teacher_cache = TeacherFeatureCache()   # the teacher's features of the rotated val images
 
     def auxiliary_modules(self):
         return [self.ss_head_s]
@@ -169,14 +187,15 @@ class SSKD(Distiller):
         if len(runner.data.val) == 0:
             return float("nan")
         correct = total = 0.0
-        for x, _, _ in runner.val_loader:
+        rotated = [OnRotations(self.teachers[self.t_index])]
+        for x, _, (feats,) in self.val_teacher_cache.batches(runner.val_loader, rotated, runner.precision):
             for start in range(0, x.shape[0], chunk):
-                part = x[start:start + chunk]
-                if part.shape[0] < 2:
+                size = min(chunk, x.shape[0] - start)
+                if size < 2:
                     continue
                 with runner.precision.autocast():
-                    _, emb = self._teacher_ss(part)
-                n = (ROTATIONS - 1) * part.shape[0]
+                    emb = self.ss_head_t(feats[ROTATIONS * start:ROTATIONS * (start + size)])
+                n = (ROTATIONS - 1) * size
                 correct += float(self._ss_accuracy(emb.float())) * n
                 total += n
         return correct / total if total else float("nan")
