@@ -340,6 +340,18 @@ def np_mse(a, b):
     return sum((x - y) ** 2 for x, y in zip(a, b)) / a.size
 
 
+def test_nonnegative_fit_floor_is_the_mse_left_by_the_best_relu_output(rng):
+    """mean(min(t, 0)^2), and no non-negative prediction gets under it: the clipped target
+    max(t, 0) reaches it exactly, zeros and random non-negative maps stay above."""
+    t = rng.normal(size=(2, 3, 4, 4))
+    floor = float(L.nonnegative_fit_floor(t64(t)))
+    close(floor, sum(min(v, 0.0) ** 2 for v in t.ravel()) / t.size)
+    close(float(fitnet_loss(t64(np.maximum(t, 0)), t64(t))), floor)
+    for guess in (np.zeros_like(t), np.abs(rng.normal(size=t.shape))):
+        assert float(fitnet_loss(t64(guess), t64(t))) > floor
+    assert float(L.nonnegative_fit_floor(t64(np.abs(t)))) == 0.0
+
+
 def test_fitnet_and_simkd_mse(rng):
     a = rng.normal(size=(2, 3, 4, 4))
     b = rng.normal(size=(2, 3, 4, 4))

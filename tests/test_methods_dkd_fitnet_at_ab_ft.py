@@ -289,6 +289,29 @@ def test_fitnet_hint_layer_and_hint_beta(teacher, batch):
         build("fitnet", [teacher], hint_layer="feat_4d_layer7")
 
 
+def test_fitnet_reports_the_hint_mse_its_relu_regressor_cannot_remove(teacher, batch, caplog):
+    """train/hint_floor = mean(min(f_t, 0)^2) of the batch's hint target. A post-ReLU target
+    (resnet20's stage output) has none and no warning; a WRN's pre-activation stage output has a
+    large one, and the run says so once, naming the teacher and the layer."""
+    wrn = create_model("wrn_16_2", num_classes=10).eval()
+    for t, expect_warning in ((teacher, False), (wrn, True)):
+        dist = build("fitnet", [t], hint_layer="feat_4d_layer2")
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="asib_core.methods.fitnet"):
+            for _ in range(2):
+                dist.forward_train(batch, ctx_at())
+        with torch.no_grad():
+            target = t(batch.x)["feat_4d_layer2"]
+        floor = float((target.clamp(max=0) ** 2).mean())
+        assert dist.pop_epoch_metrics()["hint_floor"] == pytest.approx(floor, rel=1e-5, abs=1e-12)
+        warnings = [r.getMessage() for r in caplog.records if "hint target" in r.getMessage()]
+        if expect_warning:
+            assert floor > 0.25 * float((target ** 2).mean())
+            assert len(warnings) == 1 and "wrn_16_2" in warnings[0] and "feat_4d_layer2" in warnings[0]
+        else:
+            assert floor == 0.0 and warnings == []
+
+
 def test_dkd_alpha_beta_and_warmup(teacher, batch):
     with torch.no_grad():
         t_logits = teacher(batch.x)["logit"]

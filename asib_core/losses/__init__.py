@@ -21,6 +21,7 @@ from .feature import (
     fitnet_loss,
     ft_factor,
     ft_loss,
+    nonnegative_fit_floor,
     reviewkd_hcl_loss,
     simkd_loss,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "camkd_teacher_weights",
     # feature
     "fitnet_loss",
+    "nonnegative_fit_floor",
     "at_map",
     "at_loss",
     "at_multi_layer_loss",

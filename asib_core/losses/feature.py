@@ -17,6 +17,7 @@ from ._common import l2_normalize, upcast
 
 __all__ = [
     "fitnet_loss",
+    "nonnegative_fit_floor",
     "at_map",
     "at_loss",
     "at_multi_layer_loss",
@@ -52,6 +53,14 @@ def fitnet_loss(regressed_student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
     t = upcast(teacher_feat).detach()
     _same_shape(s, t, "fitnet_loss")
     return _mse(s, t)
+
+
+def nonnegative_fit_floor(teacher_feat: Tensor) -> Tensor:
+    """``mean(min(f_t, 0)^2)``: the part of ``mean((r - f_t)^2)`` that no non-negative ``r``
+    (a regressor ending in ReLU, RepDistiller's ConvReg) can remove, since its best output on a
+    negative entry is 0. Zero for a post-ReLU map; large for a pre-activation stage output."""
+    t = upcast(teacher_feat).detach()
+    return t.clamp(max=0).pow(2).mean()
 
 
 def simkd_loss(projected_student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
