@@ -55,7 +55,7 @@ from asib_core.config.finalize import finalize_with_runtime
 from asib_core.data import build_data
 from asib_core.methods import build_distiller
 from asib_core.methods.asib.targets import ensemble_target
-from asib_core.methods.asib.teacher_cache import teacher_features
+from asib_core.methods.teacher_cache import teacher_features
 from asib_core.pipeline.models import build_student, load_teacher
 from asib_core.pipeline.teachers import resolve_teachers
 

@@ -573,7 +573,7 @@ class _CountingTeacher(torch.nn.Module):
 
 
 def test_teacher_feature_cache_replays_rebuilds_on_other_samples_and_gives_up_past_its_limit():
-    from asib_core.methods.asib.teacher_cache import TeacherFeatureCache
+    from asib_core.methods.teacher_cache import TeacherFeatureCache
 
     loader = [(torch.full((4, 3), float(i)), torch.arange(4) + i, None) for i in range(3)]
     teacher, cache = _CountingTeacher(), TeacherFeatureCache()

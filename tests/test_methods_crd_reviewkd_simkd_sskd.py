@@ -282,18 +282,26 @@ def test_simkd_predicts_through_the_teacher_classifier_and_deploys_alone(teacher
 
 # -- (e) SSKD pre-training ------------------------------------------------------------------------
 @torch.no_grad()
+def teacher_ss_on_val(distiller, runner, chunk: int):
+    """``(n, ss_logits)`` of the teacher's SS head over the validation split, run live on every
+    chunk of ``chunk`` originals (a chunk of one image, which has no rotation pairs, is skipped)."""
+    for x, _, _ in runner.val_loader:
+        for start in range(0, x.shape[0], chunk):
+            part = x[start:start + chunk]
+            if part.shape[0] >= 2:
+                yield part.shape[0], distiller._teacher_ss(part)[1]
+
+
 def ss_val_ce(distiller, runner) -> float:
     """The pre-training loss (SS cross-entropy) of the teacher's SS head on the validation split."""
     from asib_core.losses import sskd_ss_ce_loss
     from asib_core.methods.sskd import PRETRAIN_TEMPERATURE, split_rotations
 
     total = count = 0.0
-    for x, _, _ in runner.val_loader:
-        for start in range(0, x.shape[0] - 1, BATCH):
-            part = x[start:start + BATCH]
-            nor, aug = split_rotations(distiller._teacher_ss(part)[1])
-            total += float(sskd_ss_ce_loss(nor, aug, temperature=PRETRAIN_TEMPERATURE)) * part.shape[0]
-            count += part.shape[0]
+    for n, logits in teacher_ss_on_val(distiller, runner, BATCH):
+        nor, aug = split_rotations(logits)
+        total += float(sskd_ss_ce_loss(nor, aug, temperature=PRETRAIN_TEMPERATURE)) * n
+        count += n
     return total / count
 
 
@@ -302,13 +310,9 @@ def live_ss_val_accuracy(distiller, runner, chunk: int) -> float:
     """The SS head's matching accuracy on the validation split, the teacher run on every chunk of
     ``chunk`` originals (no cache): the reference for the logged ``sskd_pretrain/val_ss_acc``."""
     correct = total = 0.0
-    for x, _, _ in runner.val_loader:
-        for start in range(0, x.shape[0], chunk):
-            part = x[start:start + chunk]
-            if part.shape[0] >= 2:
-                n = 3 * part.shape[0]
-                correct += float(distiller._ss_accuracy(distiller._teacher_ss(part)[1])) * n
-                total += n
+    for n, logits in teacher_ss_on_val(distiller, runner, chunk):
+        correct += float(distiller._ss_accuracy(logits)) * 3 * n
+        total += 3 * n
     return correct / total
 
 

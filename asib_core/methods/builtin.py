@@ -6,7 +6,7 @@ import importlib
 import pkgutil
 from pathlib import Path
 
-_NOT_METHODS = {"builtin", "registry", "targets"}
+_NOT_METHODS = {"builtin", "registry", "targets", "teacher_cache"}
 
 for _info in pkgutil.iter_modules([str(Path(__file__).parent)]):
     if not _info.name.startswith("_") and _info.name not in _NOT_METHODS:

@@ -48,7 +48,7 @@ from asib_core.losses import (
 )
 
 from ._probe import needed_teachers, probe_shapes, teacher_forward
-from .asib.teacher_cache import TeacherFeatureCache
+from .teacher_cache import TeacherFeatureCache
 from asib_core.contract import Batch, Distiller, TrainContext
 from .registry import register_method
 from .targets import target_probs

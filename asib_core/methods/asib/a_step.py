@@ -63,7 +63,7 @@ from asib_core.losses import cccp_loss, gaussian_kl
 
 from . import ppf
 from .targets import ensemble_target, entropy_matching_scale, mean_entropy
-from .teacher_cache import student_cache_for, teacher_features, train_cache_for
+from ..teacher_cache import student_cache_for, teacher_features, train_cache_for
 
 log = logging.getLogger(__name__)
 ROLES = ("teacher1", "teacher2")

@@ -61,7 +61,7 @@ from .a_step import AStep, in_eval_mode, synergy_accuracy
 from .config_warnings import config_warnings
 from .ib_mbm import IBMBM, SynergyHead
 from .settings import ASIBSettings
-from .teacher_cache import TeacherFeatureCache
+from ..teacher_cache import TeacherFeatureCache
 from .targets import (GateState, auto_choice, ensemble_target, feature_kd_term, kd_vector, synergy_target,
                       teacher_mask)
 
