@@ -13,7 +13,8 @@ import torch
 
 from asib_core.config.errors import ConfigError
 from asib_core.engine.finetune_schedules import build_finetune_schedulers
-from asib_core.engine.schedules import build_epoch_scheduler, kd_cap, kd_ramp, loss_clamp, tau_for_epoch
+from asib_core.engine.schedules import (build_epoch_scheduler, clamp_binding_message, kd_cap, kd_ramp, loss_clamp,
+                                        tau_for_epoch)
 
 BASE = 0.1
 
@@ -140,6 +141,21 @@ def test_loss_clamp_above_the_cap(mode, value, grad):
                            (torch.tensor(250.0), 5, {**cfg, "use_loss_clamp": False})):
         same, flag = loss_clamp(loss, c, epoch)
         assert same is loss and not flag
+
+
+def test_a_clamp_that_binds_on_every_batch_is_named_with_its_scale_and_largest_term():
+    """L4 on the low-data protocol: the feature-KD term put every batch over the cap of 20, and the
+    soft clamp scaled each gradient by about 20 / 48; the message says so, naming feat_kd."""
+    cfg = {"use_loss_clamp": True, "loss_clamp_max": 20.0, "loss_clamp_mode": "soft"}
+    metrics = {"loss": 20.0, "ce": 1.4, "kd": 0.6, "feat_kd": 46.0, "acc": 0.2, "clamp_ratio": 1.0,
+               "img_per_s": 200.0, "epoch_time": 25.0}
+    message = clamp_binding_message(metrics, cfg, epoch=8)
+    assert message is not None
+    assert "epoch 9" in message and "loss_clamp_max=20" in message and "before the clamp 48" in message
+    assert f"scaled by about {20 / 48:.2f}" in message and "largest term is feat_kd (46)" in message
+    # a clamp that caps some batches only (outliers, its purpose) is not reported
+    assert clamp_binding_message({**metrics, "clamp_ratio": 0.64}, cfg, epoch=8) is None
+    assert clamp_binding_message({**metrics, "clamp_ratio": 0.0}, cfg, epoch=8) is None
 
 
 def test_kd_cap_scales_kd_to_ratio_times_ce():

@@ -37,6 +37,45 @@ def test_gradient_clipping_scales_the_step_to_the_max_norm():
     torch.testing.assert_close(layer.weight.detach(), before - grad * (0.1 / grad.norm()), rtol=1e-4, atol=1e-6)
 
 
+def test_the_clamp_ratio_is_a_fraction_of_the_batches_of_every_rank():
+    """Under DDP the clamped-batch count is summed over the ranks; so must be the batch count it
+    is divided by (else two ranks clamped on every batch reported 2.0)."""
+    layer = torch.nn.Linear(4, 3)
+    batches = OneBatch([(torch.randn(4, 4), torch.tensor([0, 1, 2, 0]), torch.arange(4)) for _ in range(3)])
+
+    def step(batch):
+        logits = layer(batch.x)
+        return logits, {"ce": torch.nn.functional.cross_entropy(logits, batch.y) + 100.0}
+
+    clamp = {"use_loss_clamp": True, "loss_clamp_max": 1.0}
+    result = train_epoch(step, batches, torch.optim.SGD(layer.parameters(), lr=0.0), list(layer.parameters()),
+                         Precision(CPU, False), EpochSettings(epoch=0, clamp_cfg=clamp),
+                         reducer=lambda totals: totals * 2)   # two ranks with the same sums
+    assert result.metrics["clamp_ratio"] == 1.0 and result.images == 24
+
+
+def test_a_run_whose_clamp_binds_on_every_batch_warns_once(tmp_path, caplog):
+    """Two epochs with every batch over a tiny cap: one warning (epoch 1) naming the cap; a cap
+    that never binds gives none."""
+    from test_methods_dkd_fitnet_at_ab_ft import DATA_CFG, build, make_runner
+
+    from asib_core.data import build_data
+    from asib_core.models import create_model
+
+    teacher = create_model("resnet8", num_classes=10).eval()
+    data = build_data(DATA_CFG, CPU)
+    for cap, expected in ((1e-3, 1), (1e6, 0)):
+        caplog.clear()
+        runner = make_runner(build("dkd", [teacher]), data, tmp_path / str(cap), [2])
+        runner.spec.clamp_cfg = {"use_loss_clamp": True, "loss_clamp_max": cap}
+        with caplog.at_level("WARNING", logger="asib_core.engine.runner"):
+            runner.fit()
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loss clamp:")]
+        assert len(said) == expected
+        if said:
+            assert "every batch of epoch 1" in said[0] and "loss_clamp_max=0.001" in said[0]
+
+
 def test_early_stopping_and_the_best_epoch_versus_the_last(tmp_path):
     from test_methods_dkd_fitnet_at_ab_ft import DATA_CFG, build, make_runner
 

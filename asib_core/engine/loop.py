@@ -97,13 +97,14 @@ def train_epoch(step: Callable, loader, optimizer, params, precision: Precision,
         progress.update(n, sums["loss"] / seen, correct / seen)
     progress.close()
     seconds = time.perf_counter() - start
-    totals = torch.tensor([seen, correct, clamped] + [sums[k] for k in sorted(sums)], dtype=torch.float64)
+    totals = torch.tensor([seen, correct, clamped, len(loader)] + [sums[k] for k in sorted(sums)],
+                          dtype=torch.float64)
     if reducer is not None:
-        totals = reducer(totals)
-    seen, correct, clamped = int(totals[0]), int(totals[1]), int(totals[2])
-    metrics = {k: float(v) / max(seen, 1) for k, v in zip(sorted(sums), totals[3:].tolist())}
+        totals = reducer(totals)   # summed over ranks: the batch count too, so the ratio stays in [0, 1]
+    seen, correct, clamped, batches = (int(v) for v in totals[:4])
+    metrics = {k: float(v) / max(seen, 1) for k, v in zip(sorted(sums), totals[4:].tolist())}
     metrics["acc"] = correct / max(seen, 1)
-    metrics["clamp_ratio"] = clamped / max(len(loader), 1)
+    metrics["clamp_ratio"] = clamped / max(batches, 1)
     metrics["img_per_s"] = seen / seconds if seconds > 0 else math.nan
     metrics["epoch_time"] = seconds
     return EpochResult(metrics=metrics, images=seen, seconds=seconds)

@@ -37,7 +37,7 @@ from asib_core.faults import calls_fault_point, fault_point
 from .amp import Precision
 from .distributed import DistContext
 from .loop import EpochSettings, NonFiniteLoss, evaluate, train_epoch
-from .schedules import kd_cap, kd_ramp, tau_for_epoch
+from .schedules import clamp_binding_message, kd_cap, kd_ramp, tau_for_epoch
 from .state import atomic_save, latest_checkpoint_in, load_state, restore_rng, rng_state, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ class TrainingRun:
         #: test hook: (student_epoch, batch, times) poisons that batch's loss `times` times
         self.inject_nonfinite: tuple[int, int, int] | None = None
         self._injected = 0
+        self._clamp_warned = False   # clamp_binding_message: said once per run
         #: called after every student epoch with (student_epoch, metrics); may raise to stop
         #: the run (an Optuna pruner raises TrialPruned here)
         self.on_epoch_end: Callable[[int, dict], None] | None = None
@@ -276,6 +277,12 @@ class TrainingRun:
         result = train_epoch(step, self.train_loader, self.optimizer,
                              self.params, self.precision, settings, reducer=self.dist.reduce_sum,
                              scheduler_per_batch=self.batch_scheduler)
+        if not self._clamp_warned:
+            message = clamp_binding_message(result.metrics, spec.clamp_cfg, st.student_epoch)
+            if message is not None:
+                if self.dist.is_main:
+                    log.warning(message)
+                self._clamp_warned = True
         self.distiller.eval()
         val = self.validate()
         metrics = {f"train/{k}" if k not in ("img_per_s", "epoch_time") else k: v
