@@ -162,6 +162,20 @@ def test_commands_fed_row_by_row_collapse_into_one_line_per_command():
         f"`{base} rows=<row> seeds=<seed>`, run for CE-only: seeds 0"]
 
 
+def test_the_commits_line_keeps_row_names_that_hold_commas_apart():
+    """Each commit lists the rows it made, separated by '; ' since row names may hold commas."""
+    import pandas as pd
+
+    from asib_core.report.benchmark import provenance
+
+    a, b = "a" * 40, "b" * 40
+    runs = pd.DataFrame({"tags.git_commit": [a, b, b],
+                         "row": ["L1 IB", "L4 full, feature KD at the mean's scale", "L4 full, no PPF"],
+                         "wall_time_s": [1.0, 2.0, 3.0]})
+    assert provenance(runs, None)["commits"] == [
+        f"`{a}` (L1 IB)", f"`{b}` (L4 full, feature KD at the mean's scale; L4 full, no PPF)"]
+
+
 def test_the_page_names_paths_inside_a_checkout_relative_to_it(tmp_path):
     """A command recorded with ``archive=<checkout>/docs/results/x-runs`` is shown as
     ``archive=docs/results/x-runs`` (the checkout: the nearest folder above with ``.git``); a

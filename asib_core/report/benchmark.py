@@ -228,7 +228,8 @@ def provenance(runs: pd.DataFrame, teacher_run: str | None, row_order: list[str]
     commits = distinct("tags.git_commit")
     if len(commits) > 1 and "tags.git_commit" in runs.columns:      # which rows each commit made
         rows_of = {c: sorted(set(runs.loc[runs["tags.git_commit"] == c, "row"])) for c in commits}
-        commits = [f"`{c}` ({', '.join(rows_of[c] or ['the teachers evaluation'])})" for c in commits]
+        # '; ' between rows: a row's name may hold commas ("L4 full, feature KD at the mean's scale")
+        commits = [f"`{c}` ({'; '.join(rows_of[c] or ['the teachers evaluation'])})" for c in commits]
     else:
         commits = [f"`{c}`" for c in commits]
     return {"commits": commits, "machines": distinct(f"tags.{MACHINE_TAG}"),
