@@ -13,8 +13,8 @@ import torch
 
 from asib_core.config.errors import ConfigError
 from asib_core.engine.finetune_schedules import build_finetune_schedulers
-from asib_core.engine.schedules import (build_epoch_scheduler, clamp_binding_message, kd_cap, kd_ramp, loss_clamp,
-                                        tau_for_epoch)
+from asib_core.engine.loop import clamp_binding_message
+from asib_core.engine.schedules import build_epoch_scheduler, kd_cap, kd_ramp, loss_clamp, tau_for_epoch
 
 BASE = 0.1
 

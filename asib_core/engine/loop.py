@@ -54,6 +54,27 @@ def _mix_generator(seed: int, epoch: int, device: torch.device) -> torch.Generat
     return gen
 
 
+EPOCH_STATS = ("loss", "acc", "clamp_ratio", "img_per_s", "epoch_time")   # train_epoch's metrics that are not loss terms
+
+
+def clamp_binding_message(metrics: dict, cfg: dict, epoch: int) -> str | None:
+    """A warning when the loss clamp bound on every batch of an epoch (``metrics`` from
+    ``train_epoch``; its other entries are the per-term means the total summed), else None.
+    Then the clamp no longer caps outliers: it scales every gradient by about max / loss, like a
+    lower learning rate, and the term that put the loss there is usually a weight on the wrong scale."""
+    if metrics.get("clamp_ratio", 0.0) < 1.0:
+        return None
+    terms = {k: float(v) for k, v in metrics.items() if k not in EPOCH_STATS}
+    total = sum(terms.values())
+    cap = float(cfg.get("loss_clamp_max", 100.0))
+    largest = max(terms, key=terms.get)   # a clamped epoch has a positive total, so a term
+    return (f"loss clamp: every batch of epoch {epoch + 1} was over loss_clamp_max={cap:g} (mean loss "
+            f"before the clamp {total:.4g}), so every gradient was scaled by about {cap / total:.2f} "
+            f"(loss_clamp_mode={cfg.get('loss_clamp_mode', 'soft')}); the largest term is "
+            f"{largest} ({terms[largest]:.4g}). If that is not intended, lower that "
+            f"term's weight or raise loss_clamp_max.")
+
+
 def train_epoch(step: Callable, loader, optimizer, params, precision: Precision,
                 settings: EpochSettings, reducer=None, scheduler_per_batch=None,
                 after_backward: Callable | None = None) -> EpochResult:

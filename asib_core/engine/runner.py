@@ -36,8 +36,8 @@ from asib_core.faults import calls_fault_point, fault_point
 
 from .amp import Precision
 from .distributed import DistContext
-from .loop import EpochSettings, NonFiniteLoss, evaluate, train_epoch
-from .schedules import clamp_binding_message, kd_cap, kd_ramp, tau_for_epoch
+from .loop import EpochSettings, NonFiniteLoss, clamp_binding_message, evaluate, train_epoch
+from .schedules import kd_cap, kd_ramp, tau_for_epoch
 from .state import atomic_save, latest_checkpoint_in, load_state, restore_rng, rng_state, save_checkpoint
 
 log = logging.getLogger(__name__)

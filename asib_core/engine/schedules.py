@@ -110,27 +110,6 @@ def loss_clamp(loss, cfg: dict, epoch: int):
     return loss * (cap / (value + 1e-8)), True
 
 
-EPOCH_STATS = ("loss", "acc", "clamp_ratio", "img_per_s", "epoch_time")   # train_epoch's non-term metrics
-
-
-def clamp_binding_message(metrics: dict, cfg: dict, epoch: int) -> str | None:
-    """A warning when the loss clamp bound on every batch of an epoch (``metrics`` from
-    ``train_epoch``; its other entries are the per-term means the total summed), else None.
-    Then the clamp no longer caps outliers: it scales every gradient by about max / loss, like a
-    lower learning rate, and the term that put the loss there is usually a weight on the wrong scale."""
-    if metrics.get("clamp_ratio", 0.0) < 1.0:
-        return None
-    terms = {k: float(v) for k, v in metrics.items() if k not in EPOCH_STATS}
-    total = sum(terms.values())
-    cap = float(cfg.get("loss_clamp_max", 100.0))
-    largest = max(terms, key=terms.get) if terms else "?"
-    return (f"loss clamp: every batch of epoch {epoch + 1} was over loss_clamp_max={cap:g} (mean loss "
-            f"before the clamp {total:.4g}), so every gradient was scaled by about {cap / total:.2f} "
-            f"(loss_clamp_mode={cfg.get('loss_clamp_mode', 'soft')}); the largest term is "
-            f"{largest} ({terms.get(largest, float('nan')):.4g}). If that is not intended, lower that "
-            f"term's weight or raise loss_clamp_max.")
-
-
 def kd_cap(losses: dict, cfg: dict, epoch: int, weights: tuple[float, float]) -> tuple[dict, float]:
     """``kd_max_ratio`` r (spec 3.6.7): after ``kd_warmup_epochs`` the ``kd`` term is scaled by
     ``min(1, r * CE_raw / KD_raw)``, comparing the raw (unweighted) terms, the factor computed on
