@@ -285,33 +285,48 @@ def test_a_step_kd_toward_the_student_is_on_after_the_window_once_the_gate_metri
 
 
 # -- 6. the B-step queries IB_MBM as it was trained and gated ------------------------------------
-def test_b_step_queries_ib_mbm_with_eval_mode_features_of_the_clean_images(tmp_path):
-    run, d, clean_batch = _open_gate_run(tmp_path)
+@pytest.mark.parametrize("view", ["clean", "mixed"])
+def test_b_step_queries_ib_mbm_with_eval_mode_features_of_the_chosen_view(tmp_path, view):
+    """clean (default): the images before mixing, the outputs then mixed like the labels, the
+    teachers run twice; mixed (opt-in ib_mbm_query_view): the mixed images, the teachers' tokens of
+    the KD targets' pass reused (one pass each), the outputs used as they are."""
+    run, d, clean_batch = _open_gate_run(tmp_path, overrides=[f"experiment.ib_mbm_query_view={view}"])
+    assert d.settings.ib_mbm_query_view == view
     x, y = clean_batch.x, clean_batch.y
     perm = torch.roll(torch.arange(x.shape[0]), 1)
     lam = 0.7
     batch = Batch(x=lam * x + (1 - lam) * x[perm], y=y, idx=clean_batch.idx, y_b=y[perm], lam=lam,
                   x_clean=x, perm=perm)
-    seen = {}
+    seen, teacher_calls = {}, []
     d.ib_mbm.register_forward_hook(lambda m, i, o: seen.update(query=i[0], tokens=i[1], out=o))
+    for t in d.teachers:
+        t.register_forward_hook(lambda m, i, o: teacher_calls.append(m))
     _, losses = d.forward_train(batch, _ctx(8))                  # after the mixing epochs: a = 0
+    assert len(teacher_calls) == (4 if view == "clean" else 2)  # two teachers, twice or once each
+    x_view = x if view == "clean" else batch.x
     with torch.no_grad():
         d.student.eval()
-        query = d.student(x)["distill_feat"]
+        query = d.student(x_view)["distill_feat"]
         logits = d.student.train()(batch.x)["logit"]
-        tokens = [t(x)["distill_feat"] for t in d.teachers]
+        tokens = [t(x_view)["distill_feat"] for t in d.teachers]
     assert torch.allclose(seen["query"], query, atol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(seen["tokens"], tokens))
-    # the clean images' synergy, certainty weights mixed like the labels: lam * v + (1 - lam) * v[perm]
+    # clean: the clean images' synergy and certainty weights mixed like the labels,
+    # lam * v + (1 - lam) * v[perm]; mixed: the values of the mixed images themselves
     s = d.settings
     with torch.no_grad():
         z = d.synergy_head(seen["out"].mu)
-    mix = lambda v: lam * v + (1 - lam) * v[perm]                # noqa: E731
+    mix = (lambda v: lam * v + (1 - lam) * v[perm]) if view == "clean" else (lambda v: v)   # noqa: E731
     q = mix(F.softmax(s.synergy_logit_scale * z.double() / s.tau_syn, 1))
     m = torch.exp(-seen["out"].effective_logvar.double()).mean(1)
     cw = mix((m / m.mean()).clamp(s.min_cw, s.max_cw))
     k = s.tau_syn ** 2 * (q * (q.log() - F.log_softmax(logits.double() / s.tau_syn, 1))).sum(1)
     assert float(losses["kd"].detach()) == pytest.approx(0.35 * float((cw * k).mean()), rel=1e-4)
+
+
+def test_an_unknown_ib_mbm_query_view_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="ib_mbm_query_view"):
+        ASIBSettings.from_cfg(asib_cfg("L1_ib", ["experiment.ib_mbm_query_view=augmented"]))
 
 
 # -- tests the issue asks for ---------------------------------------------------------------------

@@ -135,6 +135,7 @@ def test_the_protocol_ladder_gives_an_a_step_only_to_rungs_whose_b_step_reads_th
     assert list(ladder) == ["L0 baseline", "L1 IB", "L2 CCCP", "L3 IB+CCCP+T-adapt", "L4 full",
                             "L4 full, feature KD at the mean's scale",
                             "L4 full, feature KD at the mean's scale, no PPF",
+                            "L4 full, feature KD at the mean's scale, mixed-view IB_MBM query",
                             "L0 on avg-KD's recipe", "L1 IB on avg-KD's recipe", "L4 full on avg-KD's recipe",
                             "L1 IB on avg-KD's recipe, calibrated synergy target",
                             "L4 full on avg-KD's recipe, calibrated synergy target",
@@ -146,6 +147,7 @@ def test_the_protocol_ladder_gives_an_a_step_only_to_rungs_whose_b_step_reads_th
         if "at the mean's scale" in name:   # L4's cause rows: the feature KD at 1/512 of its weight
             assert cfg["feat_kd_alpha"] == 0.25 / 512, name
             assert cfg["use_partial_freeze"] is (not name.endswith("no PPF")), name
+            assert cfg.get("ib_mbm_query_view", "clean") == ("mixed" if "mixed-view" in name else "clean"), name
 
 
 def test_the_ladder_on_avg_kds_recipe_differs_from_the_seeds_rung_only_in_the_recipe():

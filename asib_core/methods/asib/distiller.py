@@ -17,7 +17,8 @@ both ``ce_alpha`` and ``kd_alpha`` are multiplied by ``1 - hybrid_beta`` (spec 3
 The student and the teachers' KD targets see the same (Mixup/CutMix-mixed) batch. IB_MBM is
 queried as it was trained and gated: eval-mode student features and teacher tokens of the clean
 images; its per-sample outputs (synergy probabilities, certainty weights, mu) are mixed like the
-labels, ``lam * v + (1 - lam) * v[perm]`` (``Batch.mix``).
+labels, ``lam * v + (1 - lam) * v[perm]`` (``Batch.mix``). Opt-in ``ib_mbm_query_view: mixed`` queries
+with the mixed images instead (their teacher tokens are at hand: no second teacher pass).
 ``k_b`` is the per-sample KD value toward the sample's target (targets.py):
 
 * ensemble-taught samples: ``tau^2 KL(q_ens || p^tau)``;
@@ -261,19 +262,27 @@ class ASIB(Distiller):
 
     # -- B-step ------------------------------------------------------------------
     @torch.no_grad()
-    def _clean_synergy(self, batch: Batch, touts: list[dict]):
-        """IB_MBM queried as it was trained and gated: the student's ``feat_kd_key`` feature in
-        eval mode (no BN statistics update) and the teachers' tokens, both of the clean images
-        (``batch.x_clean``; the batch itself when it was not mixed). The caller mixes the
-        per-sample results like the labels (``Batch.mix``)."""
+    def _query_synergy(self, batch: Batch, touts: list[dict]):
+        """IB_MBM's output for the B-step batch and the function that maps its per-sample values
+        onto the (mixed) batch.
+
+        ``ib_mbm_query_view: clean`` (default): queried as it was trained and gated, with the student's
+        ``feat_kd_key`` feature in eval mode (no BN statistics update) and the teachers' tokens,
+        both of the clean images (``batch.x_clean``; the batch itself when it was not mixed); the
+        values are then mixed like the labels (``Batch.mix``). Under Mixup/CutMix this runs the
+        teachers a second time. ``mixed`` (opt-in): the same eval-mode query of the mixed images,
+        whose teacher tokens the KD targets already computed: no second teacher pass, but IB_MBM
+        sees inputs it was neither trained nor gated on, and its values already match the batch."""
         clean = batch.x_clean if batch.x_clean is not None else batch.x
+        x = batch.x if self.settings.ib_mbm_query_view == "mixed" else clean
         with in_eval_mode(self.student):
-            query = self.student(clean)[self.settings.feat_kd_key]
-        if clean is batch.x:
+            query = self.student(x)[self.settings.feat_kd_key]
+        if x is batch.x:
             tokens = [self._token(o) for o in touts]
         else:
-            tokens = [self._token(t(clean)) for t in self.teachers]
-        return self.ib_mbm(query, tokens, sample=not self.settings.use_mu_for_kd)
+            tokens = [self._token(t(x)) for t in self.teachers]
+        ib = self.ib_mbm(query, tokens, sample=not self.settings.use_mu_for_kd)
+        return ib, (batch.mix if x is clean else _unmixed)
 
     def forward_train(self, batch: Batch, ctx: TrainContext):
         s = self.settings
@@ -306,9 +315,9 @@ class ASIB(Distiller):
         mask = teacher_mask(self.overlap_subsets, batch, len(self.teachers))
         ib = cw = None
         if syn_teaches or feat_on:
-            ib = self._clean_synergy(batch, touts)
+            ib, mix = self._query_synergy(batch, touts)
             if s.use_ib:
-                cw = batch.mix(certainty_weights(ib.effective_logvar, s.min_cw, s.max_cw, normalize=True))
+                cw = mix(certainty_weights(ib.effective_logvar, s.min_cw, s.max_cw, normalize=True))
                 stats["kd/cw_mean"] = float(cw.mean())
 
         if kd_w > 0:
@@ -328,11 +337,11 @@ class ASIB(Distiller):
                 q_ens_s = q_ens
                 if a > 0 and tau_s != tau:
                     q_ens_s = ensemble_target(ens_mode, self.cfg, tlogits, tau_s, mask)[0]
-                q_syn = synergy_target(z_syn, self.synergy_scale(), tau_s, q_ens_s, a, mix=batch.mix)
+                q_syn = synergy_target(z_syn, self.synergy_scale(), tau_s, q_ens_s, a, mix=mix)
                 k_syn = kd_vector(logits, q_syn, tau_s)
                 if s.kd_target == "auto":
                     q_ens_1 = ensemble_target(ens_mode, self.cfg, tlogits, 1.0, mask)[0]
-                    choose = auto_choice(batch.mix(F.softmax(z_syn, dim=-1)), q_ens_1, batch)
+                    choose = auto_choice(mix(F.softmax(z_syn, dim=-1)), q_ens_1, batch)
                 else:
                     choose = torch.ones_like(k_vec, dtype=torch.bool)
                 k_vec = torch.where(choose, k_syn, k_vec)
@@ -357,7 +366,7 @@ class ASIB(Distiller):
             stats["hybrid/raw"] = float(hybrid_raw.detach())
 
         if feat_on:
-            losses["feat_kd"], feat_raw = feature_kd_term(out[s.feat_kd_key], batch.mix(ib.mu), cw,
+            losses["feat_kd"], feat_raw = feature_kd_term(out[s.feat_kd_key], mix(ib.mu), cw,
                                                           s.feat_kd_alpha, s.feat_kd_clip, s.feat_kd_huber_beta)
             stats["feat_kd/raw"] = float(feat_raw.detach())
         self.record(**stats)
@@ -388,6 +397,11 @@ class ASIB(Distiller):
         stage = int(extra.get("ppf_stage", -1))
         if stage >= 0:
             self.apply_stage_ppf(stage)
+
+
+def _unmixed(values: torch.Tensor) -> torch.Tensor:
+    """Per-sample values of the mixed batch itself (``ib_mbm_query_view: mixed``): nothing to mix."""
+    return values
 
 
 @register_method("asib_stage")

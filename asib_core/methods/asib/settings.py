@@ -15,6 +15,7 @@ KD_TARGETS = ("teacher", "avg", "weighted_conf", "synergy", "auto")
 SYNERGY_TARGETS = ("synergy", "auto")
 GATE_MODES = ("absolute", "ensemble")
 SCALE_CALIBRATIONS = ("none", "ensemble_entropy")
+IB_MBM_QUERY_VIEWS = ("clean", "mixed")   # ib_mbm_query_view: the B-step's view of the batch for IB_MBM
 FEATURE_KEYS = ("distill_feat", "feat_2d")
 ROLES = ("student", "teacher1", "teacher2")
 
@@ -104,6 +105,7 @@ class ASIBSettings:
     synergy_logit_scale: float
     scale_calibration: str    # synergy_scale_calibration: none | ensemble_entropy
     use_mu_for_kd: bool
+    ib_mbm_query_view: str    # ib_mbm_query_view: clean (spec, default) | mixed (no second teacher pass)
     feat_kd_alpha: float
     feat_kd_key: str
     feat_kd_clip: float | None
@@ -299,6 +301,9 @@ class ASIBSettings:
         if calibration not in SCALE_CALIBRATIONS:
             raise ConfigError(f"synergy_scale_calibration='{calibration}' is not known; use one of "
                               f"{', '.join(SCALE_CALIBRATIONS)}.")
+        query = str(cfg.get("ib_mbm_query_view") or "clean")
+        if query not in IB_MBM_QUERY_VIEWS:
+            raise ConfigError(f"ib_mbm_query_view='{query}' is not known; use one of {', '.join(IB_MBM_QUERY_VIEWS)}.")
 
         overlap_pct = _float(cfg, "overlap_pct", None)
         use_overlap = _bool(cfg, "use_overlap_sampling", False)
@@ -369,6 +374,7 @@ class ASIBSettings:
             synergy_logit_scale=scale,
             scale_calibration=calibration,
             use_mu_for_kd=_bool(cfg, "use_mu_for_kd", True),
+            ib_mbm_query_view=query,
             feat_kd_alpha=_float(cfg, "feat_kd_alpha", 0.0) or 0.0,
             feat_kd_key=feat_key,
             feat_kd_clip=feat_clip,
