@@ -238,6 +238,16 @@ def test_a_clamped_synergy_only_window_is_warned_about(caplog):
     assert "synergy_only_epochs" not in _asib_warnings(caplog, asib_cfg("L1_ib"))
 
 
+def test_a_mixed_ib_mbm_query_view_that_cannot_act_is_warned_about(caplog):
+    mixed = "experiment.ib_mbm_query_view=mixed"
+    assert "ib_mbm_query_view" not in _asib_warnings(caplog, asib_cfg("L1_ib", [mixed]))   # Mixup + CutMix
+    no_mixing = _asib_warnings(caplog, asib_cfg("L1_ib", [mixed, "experiment.mixup_alpha=0",
+                                                          "experiment.cutmix_alpha_distill=0"]))
+    assert "ib_mbm_query_view=mixed has no effect: mixup_alpha and cutmix_alpha_distill are 0" in no_mixing
+    unread = _asib_warnings(caplog, asib_cfg("L2_cccp", [mixed]))             # kd_target avg, no feature KD
+    assert "ib_mbm_query_view=mixed has no effect: the B-step never queries IB_MBM (kd_target=avg" in unread
+
+
 def test_b_step_lr_without_auxiliary_modules_is_warned_about(caplog):
     from asib_core.engine.optim import student_optimizer
 

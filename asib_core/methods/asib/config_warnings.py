@@ -62,6 +62,12 @@ def _target_warnings(s, cfg: dict) -> list[str]:
     if s.gate_mode == "ensemble" and cfg.get("enable_kd_after_syn_acc") is not None:
         out.append(f"enable_kd_after_syn_acc={cfg['enable_kd_after_syn_acc']} is not read: with "
                    "synergy_gate_mode=ensemble the gate threshold is the teacher ensemble's validation accuracy.")
+    if s.ib_mbm_query_view == "mixed":
+        mixing = float(cfg.get("mixup_alpha") or 0.0) > 0 or float(cfg.get("cutmix_alpha_distill") or 0.0) > 0
+        if not mixing or not s.synergy_consumed:
+            why = ("mixup_alpha and cutmix_alpha_distill are 0, so every batch is clean" if not mixing else
+                   f"the B-step never queries IB_MBM (kd_target={s.kd_target}, feat_kd_alpha=0)")
+            out.append(f"ib_mbm_query_view=mixed has no effect: {why}.")
     weights = cfg.get("teacher_weights")
     if weights is not None and s.kd_target != "avg" and s.hybrid_beta == 0:
         fallback = " (also the closed-gate fallback of synergy/auto)" if s.uses_synergy_target else ""
