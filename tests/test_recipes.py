@@ -124,6 +124,9 @@ def test_the_protocol_rows_read_the_teachers_the_protocol_names():
         assert cfg["kd_teacher_index"] == 0, row.name
 
 
+FEATURE_KD = ("feat_kd_alpha", "feat_kd_huber_beta", "feat_kd_clip")
+
+
 def test_the_protocol_ladder_gives_an_a_step_only_to_rungs_whose_b_step_reads_the_synergy():
     """The ladder's budget (2 x 15 student epochs) for every rung; 4 A-step epochs per stage for
     the rungs that train a synergy, none for L0 (avg-KD in the ladder's setting: an A-step there
@@ -135,6 +138,7 @@ def test_the_protocol_ladder_gives_an_a_step_only_to_rungs_whose_b_step_reads_th
     assert list(ladder) == ["L0 baseline", "L1 IB", "L2 CCCP", "L3 IB+CCCP+T-adapt", "L4 full",
                             "L4 full, feature KD at the mean's scale",
                             "L4 full, feature KD at the mean's scale, no PPF",
+                            "L4 full, L1's feature KD (Huber 1, clip 3)",
                             "L4 full, feature KD at the mean's scale, mixed-view IB_MBM query",
                             "L0 on avg-KD's recipe", "L1 IB on avg-KD's recipe", "L4 full on avg-KD's recipe",
                             "L1 IB on avg-KD's recipe, calibrated synergy target",
@@ -148,6 +152,9 @@ def test_the_protocol_ladder_gives_an_a_step_only_to_rungs_whose_b_step_reads_th
             assert cfg["feat_kd_alpha"] == 0.25 / 512, name
             assert cfg["use_partial_freeze"] is (not name.endswith("no PPF")), name
             assert cfg.get("ib_mbm_query_view", "clean") == ("mixed" if "mixed-view" in name else "clean"), name
+        if "L1's feature KD" in name:       # L1's distance and cap at the spec's weight
+            l1 = finalize_config(build_effective("L1_ib", benchmark_common() + list(ladder["L1 IB"].overrides)))
+            assert [cfg[k] for k in FEATURE_KD] == [l1[k] for k in FEATURE_KD] == [0.25, 1.0, 3.0], name
 
 
 def test_the_ladder_on_avg_kds_recipe_differs_from_the_seeds_rung_only_in_the_recipe():
