@@ -14,6 +14,7 @@ import io
 import re
 import shutil
 import statistics
+from datetime import datetime, timezone
 
 import pandas as pd
 import pytest
@@ -248,6 +249,10 @@ def test_asib_section_shows_the_synergy_per_a_step_epoch_from_the_histories(benc
     assert cost["wall_time_s_mean"].tolist() == pytest.approx(times)
     assert cost["reference_row"].tolist() == ["L0", "L0"]
     assert cost["ratio_to_reference"].tolist() == pytest.approx([1.0, times[1] / times[0]])
+    for rs, span in zip((l0, l1), cost["measured_utc"]):      # when the row's runs started (UTC)
+        starts = sorted(datetime.fromtimestamp(r.info.start_time / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M")
+                        for r in rs)
+        assert span == (starts[0] if starts[0] == starts[-1] else f"{starts[0]} to {starts[-1]}")
     page = (results / "tiny-digits.md").read_text(encoding="utf-8")
     assert "| L1 IB | 2 | 1 | 2 | " in page and "| `resnet20` | `wrn_16_2` | ensemble | oracle |" in page
     assert "![synergy against the teachers per A-step epoch](tiny-digits-synergy.png)" in page

@@ -22,7 +22,7 @@ import pandas as pd
 
 from .query import metric_histories
 from .tables import stats
-from .writers import markdown_table, mean_std, number
+from .writers import DASH, markdown_table, mean_std, number
 
 ACC_PREFIX, STAGE_KEY, SHARE_KEY = "a_step_val/", "stage", "b_step/syn_share"
 ASIB_METHOD = "asib"
@@ -108,8 +108,20 @@ def synergy_tables(runs: pd.DataFrame, row_order: list[str]) -> dict[str, pd.Dat
         cost.append({"row": row, "recipe": str(recipes.iloc[0]) if len(recipes) else "", "n": n,
                      "student_epochs": float("nan") if per_stage is None else per_stage.map(student_epochs).mean(),
                      "a_step_epochs": sum(len(f) for f in steps.values()) / len(mine),
-                     "wall_time_s_mean": time_mean, "wall_time_s_std": time_std})
+                     "wall_time_s_mean": time_mean, "wall_time_s_std": time_std,
+                     "measured_utc": measured_span(mine["start_time"])})
     return {"epochs": pd.DataFrame(epochs), "shares": pd.DataFrame(shares), "cost": with_references(pd.DataFrame(cost))}
+
+
+def measured_span(start_times: pd.Series) -> str:
+    """When a row's runs started (UTC): ``YYYY-MM-DD HH:MM``, or the first and the last of them.
+    Sessions may run on machines of different speed under one machine label, so run times are
+    only comparable between rows measured together."""
+    times = pd.to_datetime(start_times, utc=True, errors="coerce").dropna()
+    if times.empty:
+        return ""
+    first, last = times.min().strftime("%Y-%m-%d %H:%M"), times.max().strftime("%Y-%m-%d %H:%M")
+    return first if first == last else f"{first} to {last}"
 
 
 def with_references(cost: pd.DataFrame) -> pd.DataFrame:
@@ -143,11 +155,15 @@ def synergy_markdown(tables: dict[str, pd.DataFrame], runs: pd.DataFrame, figure
                   markdown_table(["row", "stage", "n", "synergy share (%)"],
                                  [[s["row"], s["stage"], s["n"], number(s["share"], 1)] for _, s in shares.iterrows()])]
     parts += ["Cost: each ASIB row's run time (wall clock, all stages) against the first ASIB row on the "
-              "same recipe; compare rows with equal student epochs.", "",
-              markdown_table(["row", "n", "student epochs", "A-step epochs", "run time (s)", "against", "ratio"],
+              "same recipe; compare rows with equal student epochs. Sessions may run on machines of "
+              "different speed under the same machine label, so a ratio holds only between rows whose "
+              "runs were measured together (the last column: when their runs started, UTC).", "",
+              markdown_table(["row", "n", "student epochs", "A-step epochs", "run time (s)", "against", "ratio",
+                              "measured (UTC)"],
                              [[c["row"], c["n"], number(c["student_epochs"], 0), number(c["a_step_epochs"], 0),
                                mean_std(c["wall_time_s_mean"], c["wall_time_s_std"], 0), c["reference_row"],
-                               number(c["ratio_to_reference"])] for _, c in cost.iterrows()])]
+                               number(c["ratio_to_reference"]), c["measured_utc"] or DASH]
+                              for _, c in cost.iterrows()])]
     return "\n".join(parts)
 
 
