@@ -165,8 +165,6 @@ def test_commands_fed_row_by_row_collapse_into_one_line_per_command():
 
 def test_the_commits_line_keeps_row_names_that_hold_commas_apart():
     """Each commit lists the rows it made, separated by '; ' since row names may hold commas."""
-    import pandas as pd
-
     from asib_core.report.benchmark import provenance
 
     a, b = "a" * 40, "b" * 40

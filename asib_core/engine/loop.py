@@ -41,6 +41,12 @@ class EpochSettings:
     inject_nonfinite_at: int | None = None  # test hook: poison this batch's loss
 
 
+def distill_mixing(cfg: dict) -> tuple[float, float]:
+    """The distillation batches' (Mixup alpha, CutMix alpha): ``mixup_alpha`` and
+    ``cutmix_alpha_distill``, 0 when unset (no mixing)."""
+    return float(cfg.get("mixup_alpha") or 0.0), float(cfg.get("cutmix_alpha_distill") or 0.0)
+
+
 @dataclass
 class EpochResult:
     metrics: dict

@@ -19,7 +19,7 @@ from asib_core.config.finalize import finalize_with_runtime
 from asib_core.data import build_data, check_trainable
 from asib_core.engine.amp import Precision, resolve_device
 from asib_core.engine.distributed import DistContext, init_distributed
-from asib_core.engine.loop import evaluate
+from asib_core.engine.loop import distill_mixing, evaluate
 from asib_core.engine.optim import student_optimizer
 from asib_core.engine.runner import FitSpec, TrainingRun
 from asib_core.engine.schedules import build_epoch_scheduler
@@ -51,10 +51,10 @@ class StepResult:
 
 
 def fit_spec(cfg: dict) -> FitSpec:
+    mixup_alpha, cutmix_alpha = distill_mixing(cfg)
     return FitSpec(
         stage_epochs=list(cfg["student_epochs_per_stage"]), seed=int(cfg["seed"]),
-        mixup_alpha=float(cfg.get("mixup_alpha") or 0.0),
-        cutmix_alpha=float(cfg.get("cutmix_alpha_distill") or 0.0),
+        mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
         grad_clip_norm=float(cfg.get("grad_clip_norm") or 0.0),
         clamp_cfg={k: cfg.get(k) for k in ("use_loss_clamp", "loss_clamp_mode", "loss_clamp_max",
                                            "loss_clamp_warmup_epochs")},

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from asib_core.engine.loop import distill_mixing
+
 TEACHER_ROLES = ("teacher1", "teacher2")
 
 
@@ -63,7 +65,7 @@ def _target_warnings(s, cfg: dict) -> list[str]:
         out.append(f"enable_kd_after_syn_acc={cfg['enable_kd_after_syn_acc']} is not read: with "
                    "synergy_gate_mode=ensemble the gate threshold is the teacher ensemble's validation accuracy.")
     if s.ib_mbm_query_view == "mixed":
-        mixing = float(cfg.get("mixup_alpha") or 0.0) > 0 or float(cfg.get("cutmix_alpha_distill") or 0.0) > 0
+        mixing = any(alpha > 0 for alpha in distill_mixing(cfg))
         if not mixing or not s.synergy_consumed:
             why = ("mixup_alpha and cutmix_alpha_distill are 0, so every batch is clean" if not mixing else
                    f"the B-step never queries IB_MBM (kd_target={s.kd_target}, feat_kd_alpha=0)")
