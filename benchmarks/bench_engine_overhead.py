@@ -103,45 +103,97 @@ def normalise(u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def plain_student(depth: int, seed: int) -> nn.Module:
+    """A fresh ``PlainResNet(depth)`` with the reference CIFAR init (RepDistiller, the CIFAR
+    ResNet paper): Kaiming-normal convolutions (fan-out), unit/zero BatchNorm."""
+    torch.manual_seed(seed)
+    model = PlainResNet(depth)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model.to(memory_format=torch.channels_last)
+
+
+def sgd_cosine(model: nn.Module, epochs: int):
+    """SGD (momentum 0.9, Nesterov) and its per-epoch schedule: a 1-epoch linear warm-up
+    (half the LR in epoch 0), then cosine to 0."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, nesterov=True, weight_decay=WD)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda e: (e + 1) / 2 if e < 1 else 0.5 * (1 + math.cos(math.pi * (e - 1) / max(1, epochs - 1))))
+    return opt, sched
+
+
+def soft_target(teachers: list, x: torch.Tensor) -> torch.Tensor:
+    """Hinton's target: the mean over ``teachers`` of softmax(logits / T), without gradient."""
+    with torch.no_grad():
+        return torch.stack([F.softmax(t(x) / TAU, 1) for t in teachers]).mean(0)
+
+
+def train_epoch(student: nn.Module, opt, data: dict, teachers: list, gen: torch.Generator) -> None:
+    """One pass over ``data['x']`` in batches of BATCH (the last partial batch dropped): CE alone
+    without teachers, else 0.1 CE + 0.9 T^2 KL(target || student)."""
+    student.train()
+    order = torch.randperm(len(data["y"]), generator=gen)
+    for i in range(len(data["y"]) // BATCH):
+        idx = order[i * BATCH:(i + 1) * BATCH]
+        x = normalise(crop_flip(data["x"][idx], gen), data["mean"], data["std"])
+        logits = student(x)
+        loss = F.cross_entropy(logits, data["y"][idx])
+        if teachers:
+            kd = F.kl_div(F.log_softmax(logits / TAU, 1), soft_target(teachers, x), reduction="batchmean")
+            loss = (1 - KD_ALPHA) * loss + KD_ALPHA * kd * TAU * TAU
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, data: dict) -> float:
+    """Top-1 (%) of ``model`` in eval mode on uint8 NCHW ``images``."""
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(labels), BATCH):
+            x = normalise(images[i:i + BATCH], data["mean"], data["std"])
+            correct += int((model(x).argmax(1) == labels[i:i + BATCH]).sum())
+    return 100.0 * correct / max(1, len(labels))
+
+
 def minimal_epochs(data, epochs: int, teacher: nn.Module | None, seed: int, depth: int = 8) -> tuple[list, list]:
     """(whole-epoch seconds = train pass + validation pass, train-pass seconds) of the
     hand-written loop training a ResNet-``depth`` (with ``teacher``: Hinton KD from it)."""
-    torch.manual_seed(seed)
-    student = PlainResNet(depth).to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(student.parameters(), lr=LR, momentum=0.9, nesterov=True, weight_decay=WD)
-    steps = len(data["y"]) // BATCH
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda e: (e + 1) / 2 if e < 1 else 0.5 * (1 + math.cos(math.pi * (e - 1) / max(1, epochs - 1))))
+    student = plain_student(depth, seed)
+    opt, sched = sgd_cosine(student, epochs)
     gen = torch.Generator().manual_seed(seed)
+    teachers = [] if teacher is None else [teacher]
     whole, train = [], []
     for _ in range(epochs):
         start = time.perf_counter()
-        student.train()
-        order = torch.randperm(len(data["y"]), generator=gen)
-        for i in range(steps):
-            idx = order[i * BATCH:(i + 1) * BATCH]
-            x = normalise(crop_flip(data["x"][idx], gen), data["mean"], data["std"])
-            y = data["y"][idx]
-            logits = student(x)
-            loss = F.cross_entropy(logits, y)
-            if teacher is not None:
-                with torch.no_grad():
-                    target = F.softmax(teacher(x) / TAU, 1)
-                kd = F.kl_div(F.log_softmax(logits / TAU, 1), target, reduction="batchmean") * TAU * TAU
-                loss = (1 - KD_ALPHA) * loss + KD_ALPHA * kd
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        train_epoch(student, opt, data, teachers, gen)
         sched.step()
         train.append(time.perf_counter() - start)
-        student.eval()
-        correct = 0
-        with torch.no_grad():
-            for i in range(0, len(data["vy"]), BATCH):
-                x = normalise(data["vx"][i:i + BATCH], data["mean"], data["std"])
-                correct += int((student(x).argmax(1) == data["vy"][i:i + BATCH]).sum())
+        accuracy(student, data["vx"], data["vy"], data)
         whole.append(time.perf_counter() - start)
     return whole, train
+
+
+def protocol_data(root: Path, per_class: int) -> dict:
+    """The protocol's splits as uint8 NCHW tensors: ``x``/``y`` the student subset (``per_class``
+    images per class of the 45,000-image train split), ``vx``/``vy`` the 5,000-image validation
+    split, ``tx``/``ty`` the 10,000 test images; ``mean``/``std`` the pipeline's normalisation."""
+    from asib_core.data import build_data
+
+    bundle = build_data({"seed": 0, "dataset": {"name": "imagefolder", "root": str(root), "val_split": 0.1,
+                                                 "split_seed": 42, "train_per_class": per_class}})
+
+    def nchw(split):
+        return torch.from_numpy(split.images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(split.labels)
+
+    (x, y), (vx, vy), (tx, ty) = nchw(bundle.train), nchw(bundle.val), nchw(bundle.test)
+    return {"x": x, "y": y, "vx": vx, "vy": vy, "tx": tx, "ty": ty,
+            "mean": torch.tensor(bundle.mean).view(1, 3, 1, 1), "std": torch.tensor(bundle.std).view(1, 3, 1, 1)}
 
 
 # -- the pipeline side ----------------------------------------------------------------------------
@@ -216,18 +268,11 @@ def main() -> None:
     os.environ.setdefault("ASIB_NO_PROGRESS", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-    from asib_core.data import build_data
     from asib_core.models import create_model
     from asib_core.pipeline.models import save_teacher
 
     root = extracted_root()
-    bundle = build_data({"seed": 0, "dataset": {"name": "imagefolder", "root": str(root), "val_split": 0.1,
-                                                 "split_seed": 42, "train_per_class": args.per_class}})
-    data = {"x": torch.from_numpy(bundle.train.images).permute(0, 3, 1, 2).contiguous(),
-            "y": torch.from_numpy(bundle.train.labels),
-            "vx": torch.from_numpy(bundle.val.images).permute(0, 3, 1, 2).contiguous(),
-            "vy": torch.from_numpy(bundle.val.labels),
-            "mean": torch.tensor(bundle.mean).view(1, 3, 1, 1), "std": torch.tensor(bundle.std).view(1, 3, 1, 1)}
+    data = protocol_data(root, args.per_class)
     teacher = PlainResNet(20).to(memory_format=torch.channels_last).eval()
     teacher_files = []
     with tempfile.TemporaryDirectory(prefix="bench-teachers-") as tdir:

@@ -46,6 +46,26 @@ def test_code_version_covers_configs(tmp_path):
     assert code_version(tmp_path) != before
 
 
+def test_code_version_leaves_out_benchmark_protocols(tmp_path):
+    """A protocol only lists runs (their effective configs are hashed into their identities):
+    a new row must not make the finished runs of the other rows unreusable."""
+    from asib_core.code_version import code_version
+
+    (tmp_path / "configs" / "benchmark").mkdir(parents=True)
+    (tmp_path / "configs" / "experiment").mkdir()
+    (tmp_path / "configs" / "experiment" / "x.yaml").write_text("kd_alpha: 0.9\n")
+    protocol = tmp_path / "configs" / "benchmark" / "p.yaml"
+    protocol.write_text("rows: [{name: a}]\n")
+    code_version.cache_clear()
+    before = code_version(tmp_path)
+    protocol.write_text("rows: [{name: a}, {name: b}]\n")
+    code_version.cache_clear()
+    assert code_version(tmp_path) == before
+    (tmp_path / "configs" / "experiment" / "x.yaml").write_text("kd_alpha: 0.5\n")
+    code_version.cache_clear()
+    assert code_version(tmp_path) != before
+
+
 def test_force_runs_a_finished_step_again(workdir):
     from mlflow.tracking import MlflowClient
 
