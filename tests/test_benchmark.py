@@ -46,6 +46,9 @@ TINY = {
                             "experiment.synergy_only_epochs=1", "experiment.kd_warmup_epochs=1",
                             "experiment.teacher_adapt_kd_warmup=1", "experiment.schedule.lr_warmup_epochs=1",
                             "experiment.loss_clamp_warmup_epochs=1", "experiment.dataset.num_workers=0"]}],
+    # claims the page checks: one met whatever the runs give, one never met
+    "targets": [{"rows": ["KD (wrn_16_2)", "L1 IB"], "over": "CE-only", "by": -100.0, "source": "always"},
+                {"row": "L0", "over": ["CE-only", "KD (wrn_16_2)"], "by": 100.0, "source": "never"}],
 }
 TRAINING_STEPS = ("finetune", "distill", "bench_teachers")
 
@@ -130,6 +133,55 @@ def test_every_row_is_compared_with_the_reference_row(bench):
     assert "| test vs CE-only (points ± s.e.) | run time / CE-only's |" in page
     assert "| (reference) | (reference) |" in page
     assert (bench["work"] / "results" / "tiny-digits-val-curves.png").is_file()
+
+
+def test_the_page_checks_the_protocols_targets_on_the_runs(bench):
+    """Each target: the row's mean test top-1 minus the higher mean of the rows it is compared
+    with (recomputed here from the runs), the Welch s.e. of that difference, met or not."""
+    runs = _distill_runs(bench["work"])
+
+    def of(row):
+        tests = [100 * r.data.metrics["test/acc"] for r in runs if r.data.tags["asib.bench_row"] == row]
+        return statistics.mean(tests), statistics.stdev(tests)
+
+    targets = pd.read_csv(bench["work"] / "results" / "tiny-digits-targets.csv")
+    assert list(targets["row"]) == ["KD (wrn_16_2)", "L1 IB", "L0"]
+    assert list(targets["status"]) == ["met", "met", "not met"]
+    best = max(("CE-only", "KD (wrn_16_2)"), key=lambda row: of(row)[0])
+    (mean, sd), (other, other_sd) = of("L0"), of(best)
+    last = targets.iloc[2]
+    assert last["compared"] == best and last["n"] == 2 and last["n_compared"] == 2
+    assert last["delta"] == pytest.approx(mean - other)
+    assert last["se"] == pytest.approx(((sd ** 2 + other_sd ** 2) / 2) ** 0.5)
+    page = (bench["work"] / "results" / "tiny-digits.md").read_text(encoding="utf-8")
+    assert (f"| L0 ≥ the best of CE-only, KD (wrn_16_2) +100.00 | never | {best} | 2 / 2 | "
+            f"{mean - other:+.2f} ± {last['se']:.2f} | not met (short by {100 - (mean - other):.2f}) |") in page
+    assert f"| L1 IB ≥ CE-only -100.00 | always | CE-only | 2 / 2 | {of('L1 IB')[0] - of('CE-only')[0]:+.2f}" in page
+
+
+def test_targets_name_rows_of_their_own_file(tmp_path):
+    """A target naming no row, an unknown row or a non-number `by` is refused with the rows
+    listed; `rows:` states one claim per row; a file that extends another states its own."""
+    from asib_core.benchmark import load_benchmark
+    from asib_core.config import ConfigError
+
+    spec = tmp_path / "b.yaml"
+    for targets, says in (([{"row": "KD", "over": "CE-only"}], "names 'KD', which is not a row; its rows are CE-only"),
+                          ([{"row": "L0"}], "needs `row: NAME`"),
+                          ([{"row": "L0", "rows": ["L0"], "over": "CE-only"}], "needs `row: NAME`"),
+                          ([{"row": "L0", "over": "CE-only", "by": "six"}], "by='six'; give test points"),
+                          ({"row": "L0"}, "must be a list")):
+        spec.write_text(yaml.safe_dump({**TINY, "targets": targets}), encoding="utf-8")
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            load_benchmark(str(spec))
+    spec.write_text(yaml.safe_dump(TINY), encoding="utf-8")
+    bench = load_benchmark(str(spec))
+    assert [(t.row, t.over, t.by) for t in bench.targets] == [
+        ("KD (wrn_16_2)", ("CE-only",), -100.0), ("L1 IB", ("CE-only",), -100.0),
+        ("L0", ("CE-only", "KD (wrn_16_2)"), 100.0)]
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({"extends": str(spec), "rows": ["CE-only", "L0"]}), encoding="utf-8")
+    assert load_benchmark(str(child)).targets == []
 
 
 def test_page_states_what_the_runs_cost(bench):

@@ -4,12 +4,16 @@ fields), loaded and checked, and the selection of rows and seeds of one invocati
 Fields: ``name`` (the tag value ``asib.benchmark`` and the results page's file name), ``title``,
 ``data`` (``dataset``; for image folders ``tarball`` and ``folder``), ``teachers`` (``teacher`` +
 fine-tune ``overrides``), ``seeds``, ``common`` (overrides of every student row) and ``rows``
-(``name``, ``exp``, ``overrides``), and ``reference_row`` (the row every other is compared with on
-the results page; default the first row).
+(``name``, ``exp``, ``overrides``), ``reference_row`` (the row every other is compared with on
+the results page; default the first row) and ``targets`` (optional claims the results page checks:
+``{row: NAME, over: NAME or [NAMES], by: POINTS, source: TEXT}``, "row's mean test top-1 is at least
+``by`` points (default 0) above the best of ``over``"; ``rows: [NAMES]`` instead of ``row`` states
+the same claim for each of them).
 
 ``extends: KEY`` starts from another benchmark file: every field given here replaces the
 parent's, ``common_extra`` is appended to the parent's ``common``, and a row given as a plain
 string is the parent's row of that name (so a slice of a protocol cannot drift from it).
+``targets`` are not inherited: they are claims about the rows of the file that states them.
 """
 from __future__ import annotations
 
@@ -36,6 +40,16 @@ class Row:
     overrides: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Target:
+    """A claim the results page checks: ``row``'s mean test top-1 is at least ``by`` points above
+    the best (highest mean) of the rows ``over``."""
+    row: str
+    over: tuple[str, ...]
+    by: float = 0.0
+    source: str = ""
+
+
 @dataclass
 class Benchmark:
     key: str                      # the file name without .yaml (or the path given)
@@ -48,6 +62,7 @@ class Benchmark:
     rows: list[Row]
     source: Path = field(default=Path())
     reference_row: str = ""       # the row the results page compares every row with
+    targets: list[Target] = field(default_factory=list)
 
     @property
     def dataset(self) -> str:
@@ -102,6 +117,7 @@ def read_spec(path: Path, where: str, seen: tuple[Path, ...] = ()) -> dict:
     parent = read_spec(parent_path, f"benchmark file {parent_path}", (path, *seen))
     merged = {**parent, **{k: v for k, v in raw.items() if k not in ("extends", "common_extra")}}
     merged["common"] = [*(parent.get("common") or []), *(raw.get("common_extra") or [])]
+    merged["targets"] = raw.get("targets")      # claims about the parent's rows are not inherited
     by_name = {str(r.get("name")): r for r in parent.get("rows") or [] if isinstance(r, dict)}
     rows = []
     for item in merged.get("rows") or []:
@@ -137,10 +153,38 @@ def load_benchmark(name: str) -> Benchmark:
         raise ConfigError(f"{where}: reference_row {reference!r} is not one of its rows ({', '.join(names)}); "
                           "name one of them or leave reference_row out (the first row).")
     key = path.stem if path.parent == BENCHMARK_DIR else str(path)
+    targets = parse_targets(raw.get("targets"), names, where)
     return Benchmark(key=key, name=str(raw.get("name") or path.stem), title=str(raw.get("title") or path.stem),
                      data=dict(raw.get("data") or {}), teachers=teachers,
                      seeds=[int(s) for s in raw.get("seeds") or [0]], common=[str(o) for o in raw.get("common") or []],
-                     rows=rows, source=path, reference_row=reference)
+                     rows=rows, source=path, reference_row=reference, targets=targets)
+
+
+def parse_targets(items, names: list[str], where: str) -> list[Target]:
+    """The ``targets`` field (see the module docstring), each name checked against the rows."""
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise ConfigError(f"{where}: `targets` must be a list of {{row, over, by}}, got {items!r}.")
+    targets = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or ("row" in item) == ("rows" in item) or not item.get("over"):
+            raise ConfigError(f"{where}: target {i} ({item!r}) needs `row: NAME` (or `rows: [NAMES]`) and "
+                              "`over: NAME or [NAMES]`, and optionally `by: POINTS` and `source: TEXT`.")
+        rows = item["rows"] if "rows" in item else [item["row"]]
+        over = item["over"] if isinstance(item["over"], list) else [item["over"]]
+        rows, over = [str(r) for r in rows or []], [str(r) for r in over]
+        unknown = [n for n in (*rows, *over) if n not in names]
+        if unknown or not rows:
+            raise ConfigError(f"{where}: target {i} names {', '.join(map(repr, unknown)) or 'no row'}, which "
+                              f"is not a row; its rows are {', '.join(names)}.")
+        try:
+            by = float(item.get("by", 0.0))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: target {i} has by={item.get('by')!r}; give test points as a number, "
+                              "e.g. by: 6.0 (default 0: at or above).") from None
+        targets += [Target(row, tuple(over), by, str(item.get("source") or "")) for row in rows]
+    return targets
 
 
 def select_rows(bench: Benchmark, text: str) -> list[Row]:

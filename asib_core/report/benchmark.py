@@ -13,7 +13,6 @@ and the commands, as the runs recorded them.
 from __future__ import annotations
 
 import datetime as dt
-import math
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,8 @@ from asib_core.tracking.params import param_items
 
 from . import plots, synergy
 from .query import is_seed_param, load_runs, metric_histories
-from .tables import seeds_text, stats
+from .tables import difference_se, seeds_text, stats
+from .targets import targets_markdown, targets_table
 from .writers import DASH, clock, markdown_table, mean_std, number
 
 #: page column -> (run column, header, decimals); accuracies in %
@@ -150,14 +150,6 @@ def results_table(bench: Benchmark, runs: pd.DataFrame) -> pd.DataFrame:
                               for _, line in table.iterrows()]
     table["time_ratio"] = table["wall_time_s_mean"] / ref["wall_time_s_mean"]
     return table
-
-
-def difference_se(std_a: float, n_a: int, std_b: float, n_b: int) -> float:
-    """Standard error of the difference of two independent means (Welch): sqrt(sa^2/na + sb^2/nb);
-    NaN unless both have a sample sd (n >= 2)."""
-    if n_a < 2 or n_b < 2 or std_a != std_a or std_b != std_b:
-        return float("nan")
-    return math.sqrt(std_a ** 2 / n_a + std_b ** 2 / n_b)
 
 
 def teachers_metrics(bench: Benchmark) -> tuple[dict, str | None]:
@@ -315,6 +307,7 @@ def write_page(bench: Benchmark, out_dir: str | Path = "docs/results") -> Page:
     out.mkdir(parents=True, exist_ok=True)
     runs, stale = benchmark_runs(bench)
     table = results_table(bench, runs)
+    targets = targets_table(bench, table)
     metrics, teacher_run = teachers_metrics(bench)
     files: list[Path] = []
 
@@ -355,6 +348,7 @@ def write_page(bench: Benchmark, out_dir: str | Path = "docs/results") -> Page:
         "run times.", "", results_markdown(table, bench.reference_row),
         *(["Left out of the table (runs of an earlier definition of their row):", "", items(stale), ""]
           if stale else []),
+        *(["### Targets", "", targets_markdown(targets)] if not targets.empty else []),
         f"![mean validation curve of every row]({curves})", "",
         "## ASIB: the synergy against its teachers", "", synergy.synergy_markdown(asib, runs, asib_figure),
     ]
@@ -364,6 +358,8 @@ def write_page(bench: Benchmark, out_dir: str | Path = "docs/results") -> Page:
     extra = [(asib[key], out / f"{page_name(bench)}-{suffix}.csv")
              for key, suffix in (("epochs", "synergy-epochs"), ("shares", "synergy-shares"), ("cost", "asib-cost"))
              if not asib[key].empty]
+    if not targets.empty:
+        extra.append((targets, out / f"{page_name(bench)}-targets.csv"))
     for frame, path in extra:
         frame.to_csv(path, index=False)
     return Page(markdown=md, csv=csv, table=table, teachers=metrics, files=[md, csv, *files, *(p for _, p in extra)])

@@ -5,6 +5,8 @@ deviation ``std`` (``ddof=1``; NaN for one run) and the count ``n``.
 """
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 
 from .query import VALUE_COLUMNS, config_signature
@@ -24,6 +26,14 @@ NO_TEACHERS = ("", "-", "none")
 def seeds_text(part: pd.DataFrame) -> str:
     ordered = part.sort_values(["seed_order", "seed"])["seed"].astype(str)
     return ",".join(s for s in ordered if s not in ("", "-"))
+
+
+def difference_se(std_a: float, n_a: int, std_b: float, n_b: int) -> float:
+    """Standard error of the difference of two independent means (Welch): sqrt(sa^2/na + sb^2/nb);
+    NaN unless both have a sample sd (n >= 2)."""
+    if n_a < 2 or n_b < 2 or std_a != std_a or std_b != std_b:
+        return float("nan")
+    return math.sqrt(std_a ** 2 / n_a + std_b ** 2 / n_b)
 
 
 def stats(values: pd.Series) -> tuple[float, float, int]:
