@@ -105,7 +105,9 @@ def normalise(u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.
 
 def plain_student(depth: int, seed: int) -> nn.Module:
     """A fresh ``PlainResNet(depth)`` with the reference CIFAR init (RepDistiller, the CIFAR
-    ResNet paper): Kaiming-normal convolutions (fan-out), unit/zero BatchNorm."""
+    ResNet paper): Kaiming-normal convolutions (fan-out), unit/zero BatchNorm. Written here, like
+    the model, rather than imported from asib_core.models: the loop shares no model code with the
+    pipeline it is compared with."""
     torch.manual_seed(seed)
     model = PlainResNet(depth)
     for m in model.modules():
