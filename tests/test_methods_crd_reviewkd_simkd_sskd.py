@@ -348,6 +348,17 @@ def test_sskd_pretrain_trains_the_teacher_ss_head(teacher, bundle, tmp_path):
     assert [round(h["sskd_pretrain/lr"], 6) for h in history] == [0.05] * 3 + [0.005] + [0.0005] * 2
 
 
+def test_sskd_pretrain_progress_bar_counts_its_epochs(teacher, bundle, tmp_path, monkeypatch, capfd):
+    """The pre-training runs one epoch per call (the LR steps between them); its progress bar
+    still says which epoch of how many it is, not "epoch 1/1" every time."""
+    monkeypatch.setenv("ASIB_NO_PROGRESS", "0")
+    distiller, cfg = make_distiller("sskd", teacher, sskd_pretrain_epochs=3)
+    distiller.pretrain(make_runner(distiller, cfg, bundle, tmp_path))
+    err = capfd.readouterr().err
+    assert all(f"sskd_pretrain epoch {k}/3" in err for k in (1, 2, 3)), err[-500:]
+    assert "sskd_pretrain epoch 1/1" not in err
+
+
 def test_sskd_pretrain_runs_the_teacher_over_the_validation_images_once(teacher, bundle, tmp_path):
     """The frozen teacher's features of the rotated validation images are the same every epoch:
     a pre-training of k epochs runs the teacher over k training passes and one validation pass

@@ -171,7 +171,7 @@ class SSKD(Distiller):
             for group in optimizer.param_groups:
                 group["lr"] = PRETRAIN_LR * 0.1 ** sum(epoch >= m for m in milestones)
             runner.run_aux_epochs("sskd_pretrain", step, params, optimizer, 1,
-                                  extra_metrics=epoch_metrics)
+                                  extra_metrics=epoch_metrics, numbering=(epoch + 1, epochs))
         head.requires_grad_(False)
         dist = getattr(runner, "dist", None)
         if dist is not None and dist.enabled:
