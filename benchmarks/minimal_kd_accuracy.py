@@ -109,9 +109,9 @@ def pipeline_means(path: Path = RESULTS_CSV) -> dict[str, dict]:
         return {r["row"]: r for r in csv.DictReader(fh)}
 
 
-def mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float], signed: bool = False) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {sd:.2f}"
+    return f"{statistics.mean(values):{'+' if signed else ''}.2f} ± {sd:.2f}"
 
 
 def main() -> None:
@@ -151,7 +151,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for row in rows:
         tests = [r["test"] for r in results[row]]
-        delta = mean_sd([t - c for t, c in zip(tests, ce)]) if ce and row != "ce" else "-"
+        delta = mean_sd([t - c for t, c in zip(tests, ce)], signed=True) if ce and row != "ce" else "-"
         ref = page.get(ROWS[row][1], {})
         ref_test = (f"{float(ref['test_acc_mean']):.2f} ± {float(ref['test_acc_std']):.2f}"
                     if ref.get("test_acc_mean") else "-")
