@@ -257,7 +257,7 @@ def pipeline_finetune(root: Path, per_class: int, epochs: int) -> tuple[list, li
 
     with isolated_store():
         over = [f"dataset.root={root}", f"dataset.train_per_class={per_class}", f"finetune_epochs={epochs}",
-                "device=cpu"]
+                "device=cpu", f"eval_batch_size={BATCH}"]
         return epoch_seconds_from_store(run_finetune("resnet20", "imagefolder", over).run_id)
 
 
