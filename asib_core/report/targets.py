@@ -25,7 +25,8 @@ def targets_table(bench: Benchmark, table: pd.DataFrame) -> pd.DataFrame:
     for target in bench.targets:
         mine = lines.loc[target.row]
         measured = [name for name in target.over if lines.loc[name, "n"] > 0]
-        line = {"row": target.row, "over": ", ".join(target.over), "compared": DASH, "by": target.by,
+        line = {"row": target.row, "over": ", ".join(target.over), "n_over": len(target.over),
+                "compared": DASH, "by": target.by,
                 "delta": float("nan"), "se": float("nan"), "n": int(mine["n"]), "n_compared": 0,
                 "status": NOT_MEASURED, "source": target.source}
         if mine["n"] > 0 and len(measured) == len(target.over):
@@ -36,7 +37,7 @@ def targets_table(bench: Benchmark, table: pd.DataFrame) -> pd.DataFrame:
                         se=difference_se(mine["test_acc_std"], int(mine["n"]), other["test_acc_std"], int(other["n"])),
                         status=MET if delta >= target.by else NOT_MET)
         out.append(line)
-    return pd.DataFrame(out, columns=["row", "over", "compared", "by", "delta", "se", "n", "n_compared",
+    return pd.DataFrame(out, columns=["row", "over", "n_over", "compared", "by", "delta", "se", "n", "n_compared",
                                       "status", "source"])
 
 
@@ -45,7 +46,7 @@ def targets_markdown(targets: pd.DataFrame) -> str:
         return ""
     rows = []
     for _, t in targets.iterrows():
-        claim = (f"{t['row']} ≥ {'the best of ' if ',' in t['over'] else ''}{t['over']}"
+        claim = (f"{t['row']} ≥ {'the best of ' if t['n_over'] > 1 else ''}{t['over']}"
                  + (f" {t['by']:+.2f}" if t["by"] else ""))
         delta = number(t["delta"], signed=True)
         if delta != DASH and t["se"] == t["se"]:
