@@ -358,20 +358,20 @@ class TrainingRun:
     def run_aux_epochs(self, name: str, step_fn: Callable, params: list, optimizer, epochs: int,
                        *, mix: bool = False, clamp: bool = True, extra_metrics: Callable | None = None,
                        after_backward: Callable | None = None, loader=None,
-                       numbering: tuple[int, int] | None = None) -> list[dict]:
+                       before_epoch: Callable[[int], None] | None = None) -> list[dict]:
         """Epochs of an auxiliary phase (pre-training, A-step): same loop, own optimiser, over
-        ``loader`` (default ``train_loader``). ``numbering``: (the number of this call's first
-        epoch, the phase's length) for the progress bar, for a caller that runs its phase one
-        epoch per call; default ``(1, epochs)``.
+        ``loader`` (default ``train_loader``). ``before_epoch(e)`` runs before epoch ``e``
+        (0-based), e.g. to set the phase's learning rate.
 
         Each epoch is one MLflow step (``log_step``) with metrics under ``name/``. Modules
         trained here are not inside the DDP module: under data parallelism the caller
         synchronises them (``after_backward``: e.g. ``self.dist.average_gradients``).
         """
         loader = self.train_loader if loader is None else loader
-        first, length = numbering or (1, epochs)
         out = []
         for e in range(epochs):
+            if before_epoch is not None:
+                before_epoch(e)
             loader.set_epoch(10_000 + self.state.log_step)
             settings = EpochSettings(
                 epoch=self.state.log_step,
@@ -379,7 +379,7 @@ class TrainingRun:
                 cutmix_alpha=self.spec.cutmix_alpha if mix else 0.0,
                 grad_clip_norm=self.spec.grad_clip_norm,
                 clamp_cfg=self.spec.clamp_cfg if clamp else {}, seed=self.spec.seed + 991,
-                desc=f"{self.title} {name} epoch {first + e}/{length}",
+                desc=f"{self.title} {name} epoch {e + 1}/{epochs}",
             )
             result = train_epoch(lambda batch: step_fn(batch, e), loader, optimizer, params,
                                  self.precision, settings, reducer=self.dist.reduce_sum,

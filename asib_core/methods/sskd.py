@@ -167,11 +167,12 @@ class SSKD(Distiller):
             return {"sskd_pretrain/lr": optimizer.param_groups[0]["lr"],
                     "sskd_pretrain/val_ss_acc": self.ss_val_accuracy(runner, chunk)}
 
-        for epoch in range(epochs):  # one call per epoch: the LR steps between them
+        def step_lr(epoch):     # x0.1 at each milestone
             for group in optimizer.param_groups:
                 group["lr"] = PRETRAIN_LR * 0.1 ** sum(epoch >= m for m in milestones)
-            runner.run_aux_epochs("sskd_pretrain", step, params, optimizer, 1,
-                                  extra_metrics=epoch_metrics, numbering=(epoch + 1, epochs))
+
+        runner.run_aux_epochs("sskd_pretrain", step, params, optimizer, epochs,
+                              extra_metrics=epoch_metrics, before_epoch=step_lr)
         head.requires_grad_(False)
         dist = getattr(runner, "dist", None)
         if dist is not None and dist.enabled:

@@ -24,13 +24,12 @@ def targets_table(bench: Benchmark, table: pd.DataFrame) -> pd.DataFrame:
     out = []
     for target in bench.targets:
         mine = lines.loc[target.row]
-        measured = [name for name in target.over if lines.loc[name, "n"] > 0]
         line = {"row": target.row, "over": ", ".join(target.over), "n_over": len(target.over),
                 "compared": DASH, "by": target.by,
                 "delta": float("nan"), "se": float("nan"), "n": int(mine["n"]), "n_compared": 0,
                 "status": NOT_MEASURED, "source": target.source}
-        if mine["n"] > 0 and len(measured) == len(target.over):
-            best = max(measured, key=lambda name: lines.loc[name, "test_acc_mean"])
+        if mine["n"] > 0 and all(lines.loc[name, "n"] > 0 for name in target.over):
+            best = max(target.over, key=lambda name: lines.loc[name, "test_acc_mean"])
             other = lines.loc[best]
             delta = float(mine["test_acc_mean"] - other["test_acc_mean"])
             line.update(compared=best, delta=delta, n_compared=int(other["n"]),
